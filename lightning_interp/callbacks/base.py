@@ -1,0 +1,377 @@
+"""``InterpretationCallback``: what every lightning_interp callback shares.
+
+A subclass sets :attr:`tag` and implements :meth:`compute`. The base decides when to run it, on which probe
+data (optionally a coreset of it), runs it without disturbing training, keeps its alerts and state, and turns
+failures into one warning unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .._lightning import Callback
+from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
+from ..capture import select_layers
+from ..distributed import gather_by_index, shard_positions
+from ..probe import BatchToXY, ProbeCache, ProbeData, ProbeDataError, ProbeOutputs
+from ..report import Reporter, markdown_table
+
+ProbeSource = Union[Literal["train", "val"], Dataset]
+
+#: One forward-pass cache per LightningModule, shared by every callback of this package.
+_CACHES: "weakref.WeakKeyDictionary[nn.Module, ProbeCache]" = weakref.WeakKeyDictionary()
+
+
+def probe_cache(module: nn.Module) -> ProbeCache:
+    """The forward-pass cache shared by all callbacks attached to ``module``."""
+    cache = _CACHES.get(module)
+    if cache is None:
+        cache = _CACHES[module] = ProbeCache()
+    return cache
+
+
+def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
+    """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset."""
+    if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)):
+        return source  # type: ignore[return-value]
+    if source not in ("train", "val"):
+        raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {source!r}")
+    loaders = trainer.train_dataloader if source == "train" else trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None:
+        loaders = trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    dataset = getattr(loaders, "dataset", None)
+    if dataset is None:
+        raise ProbeDataError(
+            f"probe={source!r} but the trainer has no {source} dataloader with a dataset; "
+            "pass probe='train', probe='val' (with validation data) or probe=<a Dataset>"
+        )
+    return dataset
+
+
+class InterpretationCallback(Callback):
+    """Base of the plugin's callbacks.
+
+    Args:
+        every_n_epochs: run :meth:`compute` at the end of every n-th training epoch (0 disables the schedule,
+            for callbacks driven by other events such as checkpoints).
+        probe: the data analysed — ``"val"``, ``"train"`` or a map-style ``Dataset``.
+        probe_size: analyse a coreset of the probe: a fraction in (0, 1] or a number of samples; ``None`` uses
+            all of it.
+        probe_selector: how the coreset is chosen: ``"random"``, ``"kcenter"``, ``"uncertainty"``, ``"herding"``.
+        probe_balance: choose the coreset class-balanced.
+        probe_fidelity: when a coreset is chosen, also compute the result once on the full probe (or a 2,048
+            sample of it) and log their agreement (Spearman, top-k Jaccard).
+        reselect_every_n_epochs: choose the coreset again every n epochs (``None``: once).
+        layers: ``fnmatch`` globs of layer names; ``None`` takes every Conv/Linear layer but the output head.
+        batch_size: batch size of the probe's own loader.
+        alert_action: ``"warn"``, ``"stop"`` (end training, DDP-safe) or ``"raise"``.
+        strict: re-raise errors inside the callback instead of warning once and letting training go on.
+        seed: seed of every random choice the callback makes (coresets, masks).
+        batch_to_xy: a function ``batch -> (x, y)`` when batches are not ``(x, y, ...)`` or a common dict.
+        alert_hooks: functions called with each :class:`~lightning_interp.Alert`.
+
+    Attributes:
+        alerts_: every alert raised so far (kept in checkpoints).
+        probe_: the resolved probe (dataset and indices) last analysed.
+        coreset_: the last coreset selection: size, selector, indices and fidelity.
+    """
+
+    tag: ClassVar[str] = "interp"
+    fidelity_reference_size: ClassVar[int] = 2048
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int = 1,
+        probe: ProbeSource = "val",
+        probe_size: Union[int, float, None] = None,
+        probe_selector: str = "random",
+        probe_balance: bool = False,
+        probe_fidelity: bool = True,
+        reselect_every_n_epochs: int | None = None,
+        layers: list[str] | None = None,
+        batch_size: int = 256,
+        alert_action: str = "warn",
+        strict: bool = False,
+        seed: int = 0,
+        batch_to_xy: BatchToXY | None = None,
+        alert_hooks: Sequence[Callable[[Alert], None]] = (),
+    ) -> None:
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be an int >= 0, got {every_n_epochs!r}")
+        if isinstance(probe, str) and probe not in ("train", "val"):
+            raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {probe!r}")
+        if probe_size is not None:
+            if isinstance(probe_size, bool) or not isinstance(probe_size, (int, float)):
+                raise ValueError(f"probe_size must be a fraction in (0, 1], a sample count, or None; got {probe_size!r}")
+            if isinstance(probe_size, float) and not 0.0 < probe_size <= 1.0:
+                raise ValueError(f"probe_size as a fraction must be in (0, 1], got {probe_size}")
+            if isinstance(probe_size, int) and probe_size < 1:
+                raise ValueError(f"probe_size as a count must be >= 1, got {probe_size}")
+        from ..methods.coreset import SELECTORS
+
+        if probe_selector not in SELECTORS:
+            raise ValueError(f"probe_selector must be one of {SELECTORS}, got {probe_selector!r}")
+        if reselect_every_n_epochs is not None and reselect_every_n_epochs < 1:
+            raise ValueError(f"reselect_every_n_epochs must be >= 1 or None, got {reselect_every_n_epochs}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(layers, str):
+            layers = [layers]
+        self.every_n_epochs = every_n_epochs
+        self.probe = probe
+        self.probe_size = probe_size
+        self.probe_selector = probe_selector
+        self.probe_balance = probe_balance
+        self.probe_fidelity = probe_fidelity
+        self.reselect_every_n_epochs = reselect_every_n_epochs
+        self.layers = list(layers) if layers is not None else None
+        self.batch_size = batch_size
+        self.alert_action = validate_action(alert_action)
+        self.strict = strict
+        self.seed = seed
+        self.batch_to_xy = batch_to_xy
+        self.policy = AlertPolicy(alert_action, alert_hooks)
+
+        self.alerts_: list[Alert] = []
+        self.probe_: ProbeData | None = None
+        self.coreset_: dict[str, Any] | None = None
+        self._probe_indices: torch.Tensor | None = None
+        self._selected_epoch: int | None = None
+        self._warned: set[str] = set()
+        self._reporter: Reporter | None = None
+
+    # -- what subclasses implement ------------------------------------------------------------------------
+    def compute(self, trainer, pl_module, probe: ProbeData) -> None:
+        """Analyse ``probe`` now; log through :attr:`reporter`, raise alerts through :meth:`alert`."""
+        raise NotImplementedError
+
+    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> torch.Tensor | None:
+        """The callback's result on ``probe`` as a score vector, to compare a coreset with the full probe.
+
+        ``None`` (the default) means the callback has no such vector; no fidelity is then reported.
+        """
+        return None
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        probe = self.probe if isinstance(self.probe, str) else type(self.probe).__name__
+        return self._generate_state_key(tag=self.tag, probe=probe, layers=self.layers)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._reporter = Reporter(trainer)
+        self._check_layers(pl_module)
+        weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
+        if weights_only and "weights_only" not in self._warned:
+            self._warned.add("weights_only")
+            warnings.warn(
+                f"{type(self).__name__}: ModelCheckpoint(save_weights_only=True) does not save callback state, so "
+                "this callback's history and alerts will be lost on resume",
+                InterpretationWarning,
+                stacklevel=2,
+            )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._is_due(trainer.current_epoch):
+            self.run_now(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alerts": [a.to_dict() for a in self.alerts_],
+            "probe_indices": self._probe_indices,
+            "selected_epoch": self._selected_epoch,
+            "coreset": self.coreset_,
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.alerts_ = [Alert.from_dict(a) for a in state.pop("alerts", [])]
+        self._probe_indices = state.pop("probe_indices", None)
+        self._selected_epoch = state.pop("selected_epoch", None)
+        self.coreset_ = state.pop("coreset", None)
+        self._load_extra_state(state)
+
+    # -- scheduling and error policy ------------------------------------------------------------------------
+    def _is_due(self, epoch: int) -> bool:
+        return self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
+
+    def run_now(self, trainer, pl_module) -> None:
+        """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
+        self.policy.stop_requested = False
+        try:
+            probe = self.resolve_probe(trainer, pl_module)
+            self.compute(trainer, pl_module, probe)
+        except InterpretationAlert:
+            raise
+        except Exception as err:  # a failing analysis must never end the user's training run
+            if self.strict:
+                raise
+            self.warn_once(
+                f"error:{type(err).__name__}:{err}",
+                f"{type(self).__name__} skipped epoch {trainer.current_epoch}: {err}. Training continues "
+                "(strict=True raises instead).",
+            )
+        if self.alert_action == "stop":
+            should_stop = trainer.strategy.reduce_boolean_decision(self.policy.stop_requested, all=False)
+            trainer.should_stop = trainer.should_stop or should_stop
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Emit ``message`` once per callback instance for ``key`` (on rank zero)."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if self._is_global_zero():
+            warnings.warn(message, InterpretationWarning, stacklevel=3)
+
+    def _is_global_zero(self) -> bool:
+        return self._reporter is None or self._reporter.trainer.is_global_zero
+
+    # -- shared services for subclasses --------------------------------------------------------------------
+    @property
+    def reporter(self) -> Reporter:
+        if self._reporter is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer yet")
+        return self._reporter
+
+    def alert(self, trainer, metric: str, value: float, threshold: float, message: str) -> Alert:
+        """Record an alert, log it (text + counters under ``alerts/``) and apply ``alert_action``."""
+        record = Alert(
+            source=type(self).__name__,
+            metric=metric,
+            value=float(value),
+            threshold=float(threshold),
+            epoch=int(trainer.current_epoch),
+            step=int(trainer.global_step),
+            message=message,
+        )
+        self.alerts_.append(record)
+        self.reporter.log_scalars({f"alerts/{self.tag}": len(self.alerts_)})
+        self.reporter.log_text("alerts/log", f"**{record.source}** · `{metric}` = {value:.4g} "
+                               f"(threshold {threshold:.4g}) — {message}")
+        self.policy.apply(record, is_global_zero=trainer.is_global_zero)
+        return record
+
+    def select_layers(self, pl_module) -> dict[str, nn.Module]:
+        """The layers this callback analyses (its ``layers`` globs, or Conv/Linear minus the output head)."""
+        return select_layers(pl_module, include=self.layers)
+
+    def _check_layers(self, pl_module) -> None:
+        self.select_layers(pl_module)  # fails fast at setup with the available layer names
+
+    def forward_probe(
+        self, trainer, pl_module, probe: ProbeData, layers: dict[str, nn.Module] | None = None, features: bool = False
+    ) -> ProbeOutputs:
+        """One forward pass over ``probe`` recording ``layers``, shared with the other callbacks at this step.
+
+        Under DDP each rank evaluates its share of the probe and all ranks receive the whole result, sorted by
+        dataset index, so every rank computes (and decides) the same thing.
+        """
+        cache = probe_cache(pl_module)
+        step = (trainer.global_step, trainer.current_epoch, trainer.state.stage)
+        world = trainer.world_size
+        if world <= 1:
+            return cache.get(pl_module, probe, layers or {}, step, features=features)
+        shard = probe.subset(shard_positions(len(probe), trainer.global_rank, world))
+        local = cache.get(pl_module, shard, layers or {}, step, features=features)
+        return gather_outputs(trainer.strategy, local)
+
+    def resolve_probe(self, trainer, pl_module) -> ProbeData:
+        """The probe to analyse now: the whole probe set, or its coreset (chosen on schedule)."""
+        dataset = resolve_dataset(trainer, self.probe)
+        full = ProbeData(dataset, batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
+        if self.probe_size is None:
+            self.probe_ = full
+            return full
+        epoch = trainer.current_epoch
+        due = (
+            self._probe_indices is None
+            or (
+                self.reselect_every_n_epochs is not None
+                and self._selected_epoch is not None
+                and epoch - self._selected_epoch >= self.reselect_every_n_epochs
+            )
+        )
+        if due:
+            self._select_coreset(trainer, pl_module, full)
+            self._selected_epoch = epoch
+        self.probe_ = ProbeData(dataset, self._probe_indices, self.batch_size, self.batch_to_xy)
+        return self.probe_
+
+    def _select_coreset(self, trainer, pl_module, full: ProbeData) -> None:
+        from ..methods.coreset import fidelity, resolve_size, select_coreset
+
+        size = resolve_size(len(full), self.probe_size)
+        if self.probe_selector == "random" and not self.probe_balance:
+            gen = torch.Generator().manual_seed(self.seed + trainer.current_epoch)
+            positions = torch.randperm(len(full), generator=gen)[:size]
+        else:
+            outs = self.forward_probe(trainer, pl_module, full, features=True)
+            positions = select_coreset(
+                self.probe_selector,
+                size,
+                features=outs.features,
+                logits=outs.outputs,
+                labels=outs.labels,
+                balance=self.probe_balance,
+                seed=self.seed + trainer.current_epoch,
+            )
+        self._probe_indices = full.indices[positions].sort().values
+        coreset = full.subset(positions)
+        record: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "selector": self.probe_selector,
+            "size": int(size),
+            "of": len(full),
+            "indices": self._probe_indices,
+        }
+        scalars = {f"{self.tag}/coreset/size": float(size)}
+        if self.probe_fidelity:
+            reference = full
+            if len(full) > self.fidelity_reference_size:
+                gen = torch.Generator().manual_seed(self.seed)
+                reference = full.subset(torch.randperm(len(full), generator=gen)[: self.fidelity_reference_size])
+            full_scores = self.fidelity_scores(trainer, pl_module, reference)
+            sub_scores = self.fidelity_scores(trainer, pl_module, coreset) if full_scores is not None else None
+            if full_scores is not None and sub_scores is not None:
+                agreement = fidelity(full_scores, sub_scores)
+                record["fidelity"] = agreement
+                scalars[f"{self.tag}/coreset/spearman"] = agreement["spearman"]
+                scalars[f"{self.tag}/coreset/jaccard_top_k"] = agreement["jaccard_top_k"]
+        self.coreset_ = record
+        self.reporter.log_scalars(scalars)
+        fid = record.get("fidelity", {})
+        self.reporter.log_text(
+            f"{self.tag}/coreset",
+            markdown_table(
+                ["selector", "size", "of", "spearman", "jaccard top-k"],
+                [[self.probe_selector, size, len(full), fid.get("spearman", "n/a"), fid.get("jaccard_top_k", "n/a")]],
+            ),
+        )
+
+
+def gather_outputs(strategy, local: ProbeOutputs) -> ProbeOutputs:
+    """Every rank's :class:`ProbeOutputs` joined in dataset-index order (the same on all ranks)."""
+    outputs, indices = gather_by_index(strategy, local.outputs, local.indices)
+    labels = gather_by_index(strategy, local.labels, local.indices)[0] if local.labels is not None else None
+    activations = {n: gather_by_index(strategy, a, local.indices)[0] for n, a in local.activations.items()}
+    features = gather_by_index(strategy, local.features, local.indices)[0] if local.features is not None else None
+    return ProbeOutputs(outputs, labels, indices, activations, features)

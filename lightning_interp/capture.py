@@ -1,0 +1,150 @@
+"""Choose layers and record their activations with forward hooks that are always removed."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+#: The layers analysed when the user names none: every Conv and Linear (the output head is excluded).
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class LayerSelectionError(ValueError):
+    """A layer selection matched nothing, or named a layer that does not exist."""
+
+
+def find_head(model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES) -> str | None:
+    """Name of the output layer: the last module of ``layer_types`` in registration order (``None`` if none)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, tuple(layer_types))]
+    return names[-1] if names else None
+
+
+def _describe(model: nn.Module) -> str:
+    named = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if name and not list(m.children())]
+    return ", ".join(named) if named else "(the model has no submodules)"
+
+
+def select_layers(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    exclude_head: bool = True,
+) -> dict[str, nn.Module]:
+    """The layers to analyse, in registration order, keyed by their ``named_modules()`` name.
+
+    ``include`` is a list of ``fnmatch`` globs (``"encoder.*"``, ``"conv?"``); when it is given, any module type
+    matches and the output head is kept if a pattern names it. Without it, every module of ``layer_types`` is
+    taken, minus the output head when ``exclude_head`` is set.
+
+    Raises:
+        LayerSelectionError: nothing matched; the message lists the available layer names.
+    """
+    if include is not None and isinstance(include, str):
+        include = [include]
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    if include:
+        chosen = {name: m for name, m in modules if any(fnmatch.fnmatchcase(name, p) for p in include)}
+        unmatched = [p for p in include if not any(fnmatch.fnmatchcase(name, p) for name, _ in modules)]
+        if unmatched:
+            raise LayerSelectionError(
+                f"layer pattern(s) {unmatched} matched no module of {type(model).__name__}; "
+                f"available layers: {_describe(model)}"
+            )
+        return chosen
+    head = find_head(model, layer_types) if exclude_head else None
+    chosen = {name: m for name, m in modules if isinstance(m, tuple(layer_types)) and name != head}
+    if not chosen:
+        kinds = ", ".join(t.__name__ for t in layer_types)
+        raise LayerSelectionError(
+            f"{type(model).__name__} has no {kinds} layer besides its output head {head!r}; "
+            f"name layers with a glob instead. Available layers: {_describe(model)}"
+        )
+    return chosen
+
+
+def pool_spatial(activation: torch.Tensor) -> torch.Tensor:
+    """One value per sample and unit: feature maps ``[N, C, *spatial]`` are averaged over space (ARM's rule)."""
+    if activation.dim() <= 2:
+        return activation
+    return activation.flatten(2).mean(dim=2)
+
+
+class ActivationRecorder:
+    """Record the outputs of ``layers`` during forward passes; a context manager.
+
+    Hooks are registered on ``__enter__`` and removed on ``__exit__``, also when the forward pass raises.
+    Recorded tensors are detached; with ``pool=True`` conv maps are averaged over space as they arrive, so
+    memory stays at ``N x units`` per layer. ``to_cpu`` moves each batch off the accelerator.
+
+    Example:
+        >>> with ActivationRecorder(model, select_layers(model)) as rec:
+        ...     model(x)
+        >>> rec.stacked()["conv1"].shape      # [N, channels]
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, nn.Module], pool: bool = True, to_cpu: bool = True
+    ) -> None:
+        self.model = model
+        self.layers = dict(layers)
+        self.pool = pool
+        self.to_cpu = to_cpu
+        self.store: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def record(_module: nn.Module, _inputs, output) -> None:
+            if isinstance(output, (tuple, list)):  # e.g. MultiheadAttention returns (output, weights)
+                output = output[0]
+            out = output.detach()
+            if self.pool:
+                out = pool_spatial(out)
+            self.store[name].append(out.cpu() if self.to_cpu else out)
+
+        return record
+
+    def __enter__(self) -> ActivationRecorder:
+        try:
+            for name, module in self.layers.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this recorder registered (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Per layer, the recorded batches concatenated along the sample axis."""
+        return {name: torch.cat(chunks) for name, chunks in self.store.items() if chunks}
+
+    def clear(self) -> None:
+        for chunks in self.store.values():
+            chunks.clear()
+
+
+class HeadInputRecorder(ActivationRecorder):
+    """Record the *input* of the output head: the penultimate features (for coresets and embeddings)."""
+
+    def __init__(self, model: nn.Module, head_name: str, to_cpu: bool = True) -> None:
+        super().__init__(model, {head_name: model.get_submodule(head_name)}, pool=True, to_cpu=to_cpu)
+
+    def __enter__(self) -> HeadInputRecorder:
+        (name, module), = self.layers.items()
+
+        def record(_module: nn.Module, inputs) -> None:
+            out = pool_spatial(inputs[0].detach()).flatten(1)
+            self.store[name].append(out.cpu() if self.to_cpu else out)
+
+        self._handles.append(module.register_forward_pre_hook(record))
+        return self

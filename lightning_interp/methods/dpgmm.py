@@ -1,0 +1,322 @@
+"""Dirichlet-process Gaussian mixtures of layer activations.
+
+Malmgren-Hansen, Nielsen, Engholm, "Analyzing Learned Convnet Features with Dirichlet Process Gaussian
+Mixture Models" (arXiv 1702.07189). A layer's activations are modelled as an infinite mixture
+
+    p(a) = sum_k pi_k N(a | mu_k, diag(sigma_k^2)),   pi_k = v_k prod_{j<k} (1 - v_j),   v_k ~ Beta(1, alpha)
+
+(the stick-breaking construction of DP(alpha, G0)), fitted by variational inference truncated at
+``truncation`` components (scikit-learn's ``BayesianGaussianMixture`` with
+``weight_concentration_prior_type="dirichlet_process"``). The number of components that keep
+posterior weight is the number of groups the layer separates, found without labels.
+
+Two readings of one layer:
+
+* per sample (:func:`fit_dpgmm` on pooled ``[N, C]`` vectors): cluster count and, when labels exist,
+  agreement with the classes (NMI, ARI) — "generic" layers agree little, "specific" ones a lot;
+* per spatial position (:func:`fit_label_maps` on ``[B, C, H, W]`` maps): every position's channel
+  vector is one sample; the cluster ids reshaped to ``H x W`` are the paper's label maps.
+
+Preprocessing (the paper rescales activations; the exact scaling is not stated): every feature is
+standardised to zero mean and unit variance (constant features become 0), then, when more than
+``max_dims`` features remain, projected on the leading ``max_dims`` principal axes (a torch SVD, on the
+tensor's device). Scores are not whitened, so minor axes do not amplify noise. The mixture itself runs
+in scikit-learn on CPU, float64, seeded by ``seed`` only (torch's and numpy's global RNGs are untouched).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.mixture import BayesianGaussianMixture
+from threadpoolctl import threadpool_limits
+
+__all__ = [
+    "ClusterFit",
+    "DEFAULT_WEIGHT_CUTOFF",
+    "INIT_METHODS",
+    "standardize",
+    "pca_reduce",
+    "fit_dpgmm",
+    "spatial_samples",
+    "fit_label_maps",
+    "cluster_agreement",
+    "cluster_palette",
+    "colorize_labels",
+]
+
+#: A component counts as a cluster when its expected mixture weight is at least this (1% of the data).
+DEFAULT_WEIGHT_CUTOFF = 0.01
+
+
+@dataclass
+class ClusterFit:
+    """The result of one DP-GMM fit.
+
+    Components are relabelled by decreasing weight: cluster 0 is the heaviest.
+
+    Attributes:
+        n_clusters: effective number of clusters, components with ``weight >= weight_cutoff``.
+        weights: ``[n_components]`` expected mixture weights ``E[pi_k]``, descending (CPU float).
+        labels: ``[N]`` cluster id per input row (CPU long); ``-1`` for rows skipped as non-finite.
+        nmi: normalised mutual information of ``labels`` with the given classes (``None`` without classes).
+        ari: adjusted Rand index of ``labels`` with the given classes (``None`` without classes).
+        n_components: truncation actually used (shrunk when there are fewer rows than ``truncation``).
+        n_dims: dimensions the mixture saw (after PCA).
+        explained_variance: share of the standardised variance kept by the PCA (1.0 without PCA).
+        converged: whether variational inference converged within ``max_iter``.
+        n_iter: iterations of the best initialisation.
+        constant: the activations had no variance; one cluster is returned without fitting.
+    """
+
+    n_clusters: int
+    weights: torch.Tensor
+    labels: torch.Tensor
+    nmi: float | None
+    ari: float | None
+    n_components: int
+    n_dims: int
+    explained_variance: float
+    converged: bool
+    n_iter: int
+    constant: bool = False
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each column to zero mean and unit variance; columns without variance become 0."""
+    centred = x - x.mean(dim=0, keepdim=True)
+    std = centred.pow(2).mean(dim=0, keepdim=True).sqrt()
+    scale = x.abs().amax(dim=0, keepdim=True).clamp_min(1.0)
+    varying = std > 1e-6 * scale + eps
+    return torch.where(varying, centred / std.clamp_min(eps), torch.zeros_like(centred))
+
+
+def pca_reduce(x: torch.Tensor, max_dims: int) -> tuple[torch.Tensor, float]:
+    """Scores of centred ``x [N, D]`` on its leading ``max_dims`` principal axes, and the variance share kept.
+
+    Returns ``x`` centred and unchanged in width when ``D <= max_dims``.
+    """
+    centred = x - x.mean(dim=0, keepdim=True)
+    if centred.shape[1] <= max_dims:
+        return centred, 1.0
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    k = min(max_dims, vh.shape[0])
+    energy = singular.pow(2)
+    kept = float(energy[:k].sum() / energy.sum().clamp_min(1e-30))
+    return centred @ vh[:k].T, kept
+
+
+def cluster_agreement(clusters: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
+    """NMI (arithmetic normalisation) and ARI between cluster ids and class labels, rows with id ``-1`` ignored."""
+    clusters = torch.as_tensor(clusters).reshape(-1).cpu()
+    classes = torch.as_tensor(classes).reshape(-1).cpu()
+    if clusters.shape != classes.shape:
+        raise ValueError(f"{clusters.numel()} cluster ids but {classes.numel()} class labels")
+    keep = clusters >= 0
+    c, y = clusters[keep].numpy(), classes[keep].numpy()
+    return float(normalized_mutual_info_score(y, c)), float(adjusted_rand_score(y, c))
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(x).all(dim=1)
+    n_bad = int((~finite).sum())
+    if n_bad == len(x):
+        raise ValueError(f"all {len(x)} activation rows contain NaN or inf; nothing to cluster")
+    if n_bad:
+        warnings.warn(
+            f"{n_bad} of {len(x)} activation rows contain NaN or inf; they are skipped (cluster id -1)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return finite
+
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+#: Rows per mixture component below which the truncation is shrunk.
+MIN_ROWS_PER_COMPONENT = 4
+
+
+def _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init):
+    if truncation < 1:
+        raise ValueError(f"truncation must be >= 1, got {truncation}")
+    if not concentration > 0:
+        raise ValueError(f"concentration must be > 0, got {concentration}")
+    if max_dims < 1:
+        raise ValueError(f"max_dims must be >= 1, got {max_dims}")
+    if not 0 <= weight_cutoff < 1:
+        raise ValueError(f"weight_cutoff must be in [0, 1), got {weight_cutoff}")
+    if covariance_type not in ("diag", "spherical", "full", "tied"):
+        raise ValueError(f"covariance_type must be 'diag', 'spherical', 'full' or 'tied', got {covariance_type!r}")
+    if init_params not in INIT_METHODS:
+        raise ValueError(f"init_params must be one of {list(INIT_METHODS)}, got {init_params!r}")
+    if max_iter < 1 or n_init < 1:
+        raise ValueError(f"max_iter and n_init must be >= 1, got {max_iter} and {n_init}")
+
+
+def fit_dpgmm(
+    x: torch.Tensor,
+    classes: torch.Tensor | None = None,
+    *,
+    truncation: int = 50,
+    concentration: float = 1.0,
+    covariance_type: str = "diag",
+    max_dims: int = 16,
+    weight_cutoff: float = DEFAULT_WEIGHT_CUTOFF,
+    max_iter: int = 200,
+    init_params: str = "kmeans",
+    n_init: int = 1,
+    max_fit_rows: int | None = None,
+    seed: int = 0,
+) -> ClusterFit:
+    """Fit a variational DP-GMM to the rows of ``x [N, D]`` (e.g. pooled activations of one layer).
+
+    Args:
+        x: activations, one row per sample; any float dtype and device. Rows with NaN/inf are skipped
+            with one warning.
+        classes: ``[N]`` integer class labels; when given, NMI and ARI of the clusters are returned.
+        truncation: components of the truncated stick-breaking posterior (paper: 50). Shrunk, with a
+            warning, to ``N // 4`` when there are fewer than 4 rows per component: with fewer, the
+            variational fit keeps many tiny clusters even on a single Gaussian blob.
+        concentration: DP concentration alpha (paper: 1); larger values favour more clusters.
+        covariance_type: per-component covariance (paper: ``"diag"``).
+        max_dims: PCA width after standardisation; cost of one EM step is O(N * truncation * max_dims).
+        weight_cutoff: a component counts in ``n_clusters`` when its expected weight is at least this
+            and at least one row is assigned to it (empty components keep ~1/(N+2) of the stick).
+        max_iter: variational EM iterations per initialisation.
+        init_params: scikit-learn initialisation of the responsibilities. ``"kmeans"`` (k-means with
+            ``truncation`` centres) recovered planted groups best in ``benchmarks/clusters.py``;
+            ``"k-means++"`` (seeding only) is ~2x cheaper but merges groups more often.
+        n_init: initialisations; the one with the highest evidence lower bound is kept.
+        max_fit_rows: fit on a seeded random subset of this many rows, then assign every row
+            (bounds the cost of per-position fits); ``None`` fits on all rows.
+        seed: the only source of randomness of the fit.
+
+    Returns:
+        A :class:`ClusterFit`; tensors on CPU.
+    """
+    _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init)
+    if x.dim() != 2:
+        raise ValueError(f"expected activations [N, D], got shape {tuple(x.shape)}; use spatial_samples for maps")
+    if classes is not None and len(classes) != len(x):
+        raise ValueError(f"{len(x)} activation rows but {len(classes)} class labels")
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    finite = _finite_rows(x)
+    rows = x[finite]
+    labels = torch.full((len(x),), -1, dtype=torch.long)
+
+    scaled = standardize(rows)
+    if len(rows) < 2 or not bool(scaled.abs().amax() > 0):
+        labels[finite.cpu()] = 0
+        return _finish(labels, torch.ones(1), classes, n_components=1, n_dims=0, kept=1.0,
+                       converged=True, n_iter=0, weight_cutoff=weight_cutoff, constant=True)
+
+    n_components = truncation
+    if len(rows) < MIN_ROWS_PER_COMPONENT * truncation:
+        n_components = max(1, len(rows) // MIN_ROWS_PER_COMPONENT)
+        warnings.warn(
+            f"{len(rows)} samples are fewer than {MIN_ROWS_PER_COMPONENT} per component for truncation={truncation}; "
+            f"truncation shrunk to {n_components}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    reduced, kept = pca_reduce(scaled, max_dims)
+    features = reduced.cpu().double().numpy()
+    mixture = BayesianGaussianMixture(
+        n_components=n_components,
+        covariance_type=covariance_type,
+        weight_concentration_prior_type="dirichlet_process",
+        weight_concentration_prior=concentration,
+        max_iter=max_iter,
+        n_init=n_init,
+        init_params=init_params,
+        random_state=seed,
+    )
+    # One thread: at these sizes BLAS/OpenMP start-up costs ~10x the work, and training keeps its cores.
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning is reported in ``converged`` instead
+        mixture.fit(_fit_rows(features, max_fit_rows, n_components, seed))
+        assigned = mixture.predict(features)
+
+    weights = torch.from_numpy(mixture.weights_).float()
+    order = torch.argsort(weights, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    labels[finite.cpu()] = rank[torch.from_numpy(assigned)]
+    return _finish(labels, weights[order], classes, n_components=n_components, n_dims=features.shape[1],
+                   kept=kept, converged=bool(mixture.converged_), n_iter=int(mixture.n_iter_),
+                   weight_cutoff=weight_cutoff, constant=False)
+
+
+def _fit_rows(features: np.ndarray, max_fit_rows: int | None, n_components: int, seed: int) -> np.ndarray:
+    if max_fit_rows is None or len(features) <= max_fit_rows:
+        return features
+    size = max(max_fit_rows, MIN_ROWS_PER_COMPONENT * n_components)
+    if len(features) <= size:
+        return features
+    keep = np.random.default_rng(seed).choice(len(features), size=size, replace=False)
+    return features[np.sort(keep)]
+
+
+def _finish(labels, weights, classes, *, n_components, n_dims, kept, converged, n_iter, weight_cutoff, constant):
+    nmi = ari = None
+    if classes is not None:
+        nmi, ari = cluster_agreement(labels, torch.as_tensor(classes))
+    occupied = torch.bincount(labels[labels >= 0], minlength=len(weights)) > 0
+    n_clusters = max(1, int(((weights >= weight_cutoff) & occupied).sum()))
+    return ClusterFit(n_clusters=n_clusters, weights=weights, labels=labels, nmi=nmi, ari=ari,
+                      n_components=n_components, n_dims=n_dims, explained_variance=kept,
+                      converged=converged, n_iter=n_iter, constant=constant)
+
+
+def spatial_samples(maps: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` feature maps → ``[B*H*W, C]``: one row per image and spatial position (paper §2).
+
+    Rows are ordered image-major, then row-major over positions, so ``labels.view(B, H, W)`` inverts it.
+    Any number of spatial dimensions is accepted (``[B, C, L]`` for 1-D convolutions).
+    """
+    if maps.dim() < 3:
+        raise ValueError(f"label maps need feature maps [B, C, *spatial], got shape {tuple(maps.shape)}")
+    return maps.flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])
+
+
+def fit_label_maps(maps: torch.Tensor, **fit_kwargs) -> tuple[ClusterFit, torch.Tensor]:
+    """One DP-GMM over every spatial position of a few images; its cluster ids reshaped to label maps.
+
+    Fitting all images together keeps cluster ids comparable between them. ``fit_kwargs`` go to
+    :func:`fit_dpgmm` (no classes: positions carry none).
+
+    Returns:
+        the fit, and ``[B, *spatial]`` long label maps (``-1`` where a position was non-finite).
+    """
+    fit = fit_dpgmm(spatial_samples(maps), **fit_kwargs)
+    return fit, fit.labels.view(maps.shape[0], *maps.shape[2:])
+
+
+def cluster_palette(n: int) -> torch.Tensor:
+    """``[n, 3]`` distinct RGB colours in [0, 1]: hues spaced by the golden angle, alternating brightness."""
+    k = torch.arange(n, dtype=torch.float32)
+    hue = (k * (math.sqrt(5) - 1) / 2) % 1.0
+    value = 1.0 - 0.3 * (k % 2)
+    sector = hue * 6
+    # HSV → RGB with saturation 0.75: each channel is a clamped triangle wave of the hue.
+    channel = lambda shift: (torch.abs((sector + shift) % 6 - 3) - 1).clamp(0, 1)  # noqa: E731
+    rgb = torch.stack([channel(0.0), channel(4.0), channel(2.0)], dim=1)
+    return value[:, None] * (1 - 0.75 + 0.75 * rgb)
+
+
+def colorize_labels(label_maps: torch.Tensor, n_colors: int | None = None) -> torch.Tensor:
+    """Label maps ``[B, H, W]`` (ids ``>= -1``) → RGB images ``[B, 3, H, W]`` in [0, 1]; id ``-1`` is black.
+
+    Cluster ``k`` always gets the same colour, so maps of one layer can be compared across images.
+    """
+    label_maps = label_maps.long()
+    n = n_colors or int(label_maps.max().clamp_min(0)) + 1
+    palette = torch.cat([torch.zeros(1, 3), cluster_palette(n)])
+    rgb = palette[(label_maps.clamp(-1, n - 1) + 1).cpu()]
+    return rgb.movedim(-1, 1)

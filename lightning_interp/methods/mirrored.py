@@ -1,0 +1,456 @@
+"""Mirrored influence (Forward-INF): mislabeled and leaked training samples from forward passes.
+
+Ko, Kang, Shi, Jin, Yu, Jia, "The Mirrored Influence Hypothesis: Efficient Data Influence Estimation
+by Harnessing Forward Passes", CVPR 2024 (arXiv 2402.08922).
+
+The influence of a training point z_i on a query z_q (train→test) correlates with the *mirrored*
+quantity (test→train): how much the loss on z_i changes when the model takes a few update steps on
+z_q. With θ the trained parameters and θ'_q = θ ± η·u(∇_θ ℓ(z_q; θ)) after ``steps`` updates
+(u: plain gradient for SGD, the Adam direction for Adam),
+
+    I_mirror(z_q → z_i) = ℓ(z_i; θ'_q) − ℓ(z_i; θ)                                    (paper, Eq. 4)
+
+which needs one small update on the query side and then only forward passes over the training set.
+
+Two uses are implemented:
+
+* :func:`mislabel_scores` — the group form on a *trusted* set T (e.g. the validation set): descend on
+  T, score every training point by the increase of its loss, ``ℓ(z_i; θ'_T) − ℓ(z_i; θ)``. Points
+  whose label conflicts with clean data get worse when the model moves towards the clean data.
+* :func:`leak_scores` — the per-query form of the authors' leakage experiment: one *ascent* step on
+  each query, ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` over the training set; the largest is the training
+  point most influenced by the query (its copy, when the query leaked into training).
+
+Everything runs on a cloned parameter/buffer dict through :func:`torch.func.functional_call` with
+the model in eval mode; the model, its buffers and its train/eval flags are left as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+Optimizer = Literal["sgd", "adam"]
+OPTIMIZERS = ("sgd", "adam")
+Batches = Iterable[tuple[Tensor, Tensor]]
+Params = dict[str, Tensor]
+
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyper-parameters
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UpdateRule:
+    """``steps`` updates of ``optimizer`` at learning rate ``lr`` on a copy of the parameters."""
+
+    steps: int
+    lr: float
+    optimizer: Optimizer
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+
+
+# Defaults measured on digits (benchmarks/mirrored.py, docs/mirrored.md): see the docs for the sweep.
+MISLABEL_RULE = UpdateRule(steps=5, lr=3e-3, optimizer="adam")
+LEAK_RULE = UpdateRule(steps=1, lr=5e-3, optimizer="adam")  # the reference code's choice
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional model copies
+# --------------------------------------------------------------------------------------------------
+def parameter_copy(model: nn.Module) -> tuple[Params, Params]:
+    """Detached clones of the model's parameters and buffers (the "copy of the model")."""
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    return params, buffers
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def logits_of(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Tensor:
+    """Class logits ``[N, C]`` of the functional model; a clear error for anything else."""
+    out = functional_call(model, (params, buffers), (x,))
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            "mirrored influence needs a classifier whose forward returns class logits of shape "
+            f"[batch, classes >= 2]; the model returned {shape}"
+        )
+    return out
+
+
+def per_sample_loss(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy of every sample, ``ℓ(z; θ)`` with θ = ``params``."""
+    return F.cross_entropy(logits_of(model, params, buffers, x), y, reduction="none")
+
+
+def check_class_labels(y: Tensor | None, what: str) -> None:
+    """Mirrored influence is defined through a classification loss: integer class labels only."""
+    if y is None:
+        raise ValueError(f"{what} has no labels; mirrored influence needs integer class labels")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(
+            f"{what} labels must be a 1-D tensor of integer class indices (classification); got "
+            f"dtype {y.dtype} and shape {tuple(y.shape)} — regression targets are not supported"
+        )
+
+
+def tensor_batches(x: Tensor, y: Tensor, batch_size: int = 512) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x, y)`` chunks of two aligned tensors, the batches the scoring functions consume."""
+    for start in range(0, len(x), batch_size):
+        yield x[start:start + batch_size], y[start:start + batch_size]
+
+
+# --------------------------------------------------------------------------------------------------
+# Update rules on parameter dicts (work unchanged under vmap, with a leading query dimension)
+# --------------------------------------------------------------------------------------------------
+def _initial_state(params: Params, optimizer: Optimizer) -> dict[str, tuple[Tensor, Tensor]]:
+    if optimizer == "sgd":
+        return {}
+    return {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
+
+
+def _step(params: Params, grads: Params, state: dict, step: int, rule: UpdateRule, sign: float):
+    """One SGD or Adam update (``sign`` −1 descends, +1 ascends); returns (params, state)."""
+    if rule.optimizer == "sgd":
+        return {n: p + sign * rule.lr * grads[n] for n, p in params.items()}, state
+    beta1, beta2 = _ADAM_BETAS
+    new_params, new_state = {}, {}
+    for name, p in params.items():
+        m, v = state[name]
+        m = beta1 * m + (1 - beta1) * grads[name]
+        v = beta2 * v + (1 - beta2) * grads[name] ** 2
+        m_hat, v_hat = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
+        new_params[name] = p + sign * rule.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+        new_state[name] = (m, v)
+    return new_params, new_state
+
+
+def _mean_loss_gradient(model, params: Params, buffers: Params, x: Tensor, y: Tensor, chunk: int) -> Params:
+    """∇_θ of the mean cross-entropy over (x, y), accumulated over chunks to bound memory."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for xb, yb in tensor_batches(x, y, chunk):
+        loss = per_sample_loss(model, leaves, buffers, xb, yb).sum() / len(x)
+        for name, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
+            if g is not None:
+                total[name] += g
+    return total
+
+
+def trained_copy(model: nn.Module, x: Tensor, y: Tensor, rule: UpdateRule, *, ascent: bool = False,
+                 chunk: int = 1024) -> tuple[Params, Params, Params]:
+    """Full-batch ``rule`` updates on (x, y) applied to a copy: returns (θ, θ', buffers)."""
+    params, buffers = parameter_copy(model)
+    updated, state = params, _initial_state(params, rule.optimizer)
+    with eval_mode(model):
+        for step in range(1, rule.steps + 1):
+            grads = _mean_loss_gradient(model, updated, buffers, x, y, chunk)
+            updated, state = _step(updated, grads, state, step, rule, 1.0 if ascent else -1.0)
+    return params, {n: p.detach() for n, p in updated.items()}, buffers
+
+
+# --------------------------------------------------------------------------------------------------
+# Mislabeled samples: trusted set → every training point
+# --------------------------------------------------------------------------------------------------
+class MislabelPass(NamedTuple):
+    """Per-training-sample results of one :func:`mislabel_scores` call, in batch order."""
+
+    scores: Tensor      # ℓ(z_i; θ'_T) − ℓ(z_i; θ): larger = more likely mislabeled
+    loss: Tensor        # ℓ(z_i; θ), the model's current loss
+    predicted: Tensor   # argmax class of the current model
+    labels: Tensor      # the given labels
+
+
+@torch.no_grad()
+def _score_batches(model, params, updated, buffers, batches: Batches, device) -> MislabelPass:
+    parts: list[tuple[Tensor, ...]] = []
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        check_class_labels(y, "the training data")
+        logits = logits_of(model, params, buffers, x)
+        before = F.cross_entropy(logits, y, reduction="none")
+        after = per_sample_loss(model, updated, buffers, x, y)
+        parts.append((after - before, before, logits.argmax(1), y))
+    if not parts:
+        raise ValueError("the training data is empty: nothing to score")
+    return MislabelPass(*(torch.cat(column).cpu() for column in zip(*parts)))
+
+
+def mislabel_scores(model: nn.Module, trusted_x: Tensor, trusted_y: Tensor, train_batches: Batches, *,
+                    steps: int = MISLABEL_RULE.steps, lr: float = MISLABEL_RULE.lr,
+                    optimizer: Optimizer = MISLABEL_RULE.optimizer, chunk: int = 1024) -> MislabelPass:
+    """Mirrored influence of a trusted set on every training point (group form of Eq. 4).
+
+    θ'_T = ``steps`` full-batch descent steps of ``optimizer`` (lr ``lr``) on the mean cross-entropy
+    of the trusted set T, taken on a copy; the score of training point z_i is
+    ``ℓ(z_i; θ'_T) − ℓ(z_i; θ)`` — positive when learning the clean data makes z_i's label less
+    likely. Cost: ``steps`` forward+backward passes over T, two forward passes over the training set.
+
+    ``train_batches`` yields ``(x, y)`` batches (any device); results are on CPU in that order.
+    """
+    check_class_labels(trusted_y, "the trusted set")
+    if len(trusted_x) == 0:
+        raise ValueError("the trusted set is empty")
+    rule = UpdateRule(steps, lr, optimizer)
+    device = model_device(model)
+    params, updated, buffers = trained_copy(model, trusted_x.to(device), trusted_y.to(device), rule,
+                                            chunk=chunk)
+    with eval_mode(model):
+        return _score_batches(model, params, updated, buffers, train_batches, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Leaked samples: every query → every training point
+# --------------------------------------------------------------------------------------------------
+class LeakResult(NamedTuple):
+    """Per-query results of :func:`leak_scores` (positions index the training tensors given)."""
+
+    train_index: Tensor  # [Q] the most influenced training point
+    top_k: Tensor        # [Q, k] the k most influenced training points, best first
+    score: Tensor        # [Q] leak score: log(|Δ|₁ / |Δ|₂), top over runner-up influence
+    influence: Tensor    # [Q, k] |Δloss| of the top_k points
+    radius: Tensor       # [Q] L2 radius the query was moved on (0 = not fit, used as is)
+
+
+def sphere_perturb_fit_queries(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor,
+                               *, fit_threshold: float = 1e-2, radius: float = 3.0, growth: float = 1.1,
+                               max_tries: int = 100, generator: torch.Generator | None = None,
+                               ) -> tuple[Tensor, Tensor]:
+    """Move queries the model already fits (loss < ``fit_threshold``) onto an L2 sphere around them.
+
+    The reference procedure: a fit query has a near-zero gradient, so the ascent step would not
+    move the model. Draw a point at L2 distance ``radius`` in a random direction; while it is still
+    fit, grow the radius ×``growth`` and draw again. Returns (inputs, radius used; 0 = unchanged).
+    """
+    x = x.clone()
+    used = torch.zeros(len(x), device=x.device)
+    with torch.no_grad():
+        pending = per_sample_loss(model, params, buffers, x, y) < fit_threshold
+        current = torch.full((len(x),), float(radius), device=x.device)
+        original = x.clone()
+        for _ in range(max_tries):
+            if not pending.any():
+                break
+            rows = pending.nonzero().squeeze(1)
+            direction = torch.randn(original[rows].shape, generator=generator,
+                                    device="cpu" if generator is None else generator.device).to(x.device)
+            direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            x[rows] = original[rows] + current[rows].view(-1, *[1] * (x.dim() - 1)) * direction
+            used[rows] = current[rows]
+            still_fit = per_sample_loss(model, params, buffers, x[rows], y[rows]) < fit_threshold
+            current[rows[still_fit]] *= growth
+            pending[rows[~still_fit]] = False
+    return x, used
+
+
+def _per_query_updates(model, params: Params, buffers: Params, xq: Tensor, yq: Tensor, rule: UpdateRule,
+                       ) -> Params:
+    """θ'_q for every query at once: ``rule`` ascent steps on each query alone (vmap over queries)."""
+
+    def query_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, (p, buffers), (x[None],)), y[None])
+
+    per_query_grad = vmap(grad(query_loss), in_dims=(0, 0, 0))
+    updated = {n: p.expand(len(xq), *p.shape) for n, p in params.items()}
+    state = _initial_state(updated, rule.optimizer)
+    for step in range(1, rule.steps + 1):
+        updated, state = _step(updated, per_query_grad(updated, xq, yq), state, step, rule, 1.0)
+    return updated
+
+
+def find_classifier_head(model: nn.Module, num_classes: int) -> str:
+    """Name of the last ``nn.Linear`` with ``num_classes`` outputs (the head the first stage uses)."""
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not heads:
+        raise ValueError(
+            f"no nn.Linear with {num_classes} outputs found for the candidate stage; pass "
+            "candidates=None to score every training point with the full model"
+        )
+    return heads[-1]
+
+
+@torch.no_grad()
+def _head_inputs(model, params, buffers, head: str, x: Tensor, chunk: int) -> Tensor:
+    """Inputs of the head layer (penultimate features), flattened to ``[N, d]``."""
+    module, captured = model.get_submodule(head), []
+    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1)))
+    try:
+        for start in range(0, len(x), chunk):
+            functional_call(model, (params, buffers), (x[start:start + chunk],))
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def _head_only_influence(features_q: Tensor, yq: Tensor, features: Tensor, y: Tensor, weight: Tensor,
+                         bias: Tensor | None, rule: UpdateRule) -> Tensor:
+    """|Δloss| of every training point when only the head takes the per-query ascent steps.
+
+    The head gradient is closed-form, ∇_W ℓ = (softmax − onehot) f_qᵀ, so all queries update at once
+    and the training logits move by f_i ΔW_qᵀ + Δb_q: a cheap first stage over all training points.
+    """
+    num_classes = weight.shape[0]
+    params = {"w": weight.expand(len(features_q), *weight.shape)}
+    params["b"] = (bias if bias is not None else weight.new_zeros(num_classes)).expand(len(features_q), -1)
+    state = _initial_state(params, rule.optimizer)
+    onehot = F.one_hot(yq, num_classes).to(features_q.dtype)
+    for step in range(1, rule.steps + 1):
+        logits_q = torch.einsum("qd,qcd->qc", features_q, params["w"]) + params["b"]
+        residual = logits_q.softmax(1) - onehot
+        grads = {"w": residual[:, :, None] * features_q[:, None, :], "b": residual}
+        if bias is None:
+            grads["b"] = torch.zeros_like(residual)
+        params, state = _step(params, grads, state, step, rule, 1.0)
+    base = features @ weight.T + (bias if bias is not None else 0)
+    moved = torch.einsum("nd,qcd->qnc", features, params["w"] - weight) + (params["b"] - (bias if bias is not None else 0))[:, None, :]
+    loss_before = F.cross_entropy(base, y, reduction="none")
+    loss_after = F.cross_entropy((base[None] + moved).flatten(0, 1), y.repeat(len(features_q)), reduction="none")
+    return (loss_after.view(len(features_q), -1) - loss_before[None]).abs()
+
+
+def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Tensor, train_y: Tensor, *,
+                steps: int = LEAK_RULE.steps, lr: float = LEAK_RULE.lr, optimizer: Optimizer = LEAK_RULE.optimizer,
+                candidates: int | None = 64, top_k: int = 5, fit_threshold: float = 1e-2,
+                sphere_radius: float = 3.0, sphere_growth: float = 1.1, query_chunk: int = 32,
+                seed: int = 0) -> LeakResult:
+    """Per-query mirrored influence ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` over the training set (Eq. 4).
+
+    For each query z_q: ``steps`` *ascent* steps on z_q alone (default: one Adam step, lr 5e-3, as
+    in the reference leakage code) on a copy, then the absolute loss change of every training point.
+    A query the model already fits is first moved onto an L2 sphere (:func:`sphere_perturb_fit_queries`).
+
+    Scaling: with ``candidates=None`` every (query, training point) pair takes a full forward pass —
+    Q·N passes, vmapped over ``query_chunk`` queries. With ``candidates=K`` a first stage applies the
+    same update to the classifier head only (closed form, a matrix product over cached penultimate
+    features), keeps each query's K most influenced points, and the full model re-scores just those:
+    Q·K forward passes. The leak score is ``log(|Δ|_(1) / |Δ|_(2))``: a leaked query moves its own
+    copy far more than any other training point.
+    """
+    check_class_labels(query_y, "the queries")
+    check_class_labels(train_y, "the training data")
+    rule = UpdateRule(steps, lr, optimizer)
+    device = model_device(model)
+    query_x, query_y = query_x.to(device), query_y.to(device)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    top_k = min(top_k, len(train_x))
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # never the global RNG
+    params, buffers = parameter_copy(model)
+    with eval_mode(model):
+        query_x, radius = sphere_perturb_fit_queries(
+            model, params, buffers, query_x, query_y, fit_threshold=fit_threshold,
+            radius=sphere_radius, growth=sphere_growth, generator=generator)
+        with torch.no_grad():
+            loss_before = torch.cat([per_sample_loss(model, params, buffers, xb, yb)
+                                     for xb, yb in tensor_batches(train_x, train_y, 1024)])
+        pool = None
+        if candidates is not None and candidates < len(train_x):
+            pool = _candidate_pool(model, params, buffers, query_x, query_y, train_x, train_y, rule,
+                                   max(candidates, top_k), query_chunk)
+        influence, index = [], []
+        for start in range(0, len(query_x), query_chunk):
+            rows = slice(start, start + query_chunk)
+            inf, idx = _full_model_influence(model, params, buffers, query_x[rows], query_y[rows],
+                                             train_x, train_y, loss_before, rule,
+                                             None if pool is None else pool[rows], top_k)
+            influence.append(inf)
+            index.append(idx)
+    influence, index = torch.cat(influence), torch.cat(index)
+    score = torch.log(influence[:, 0].clamp_min(1e-12) / influence[:, 1].clamp_min(1e-12)) \
+        if influence.shape[1] > 1 else influence[:, 0]
+    return LeakResult(index[:, 0].cpu(), index.cpu(), score.cpu(), influence.cpu(), radius.cpu())
+
+
+def _candidate_pool(model, params, buffers, query_x, query_y, train_x, train_y, rule, k, query_chunk):
+    """First stage: each query's ``k`` most influenced training points under a head-only update."""
+    num_classes = logits_of(model, params, buffers, query_x[:1]).shape[1]
+    head = find_classifier_head(model, num_classes)
+    features = _head_inputs(model, params, buffers, head, train_x, 1024)
+    features_q = _head_inputs(model, params, buffers, head, query_x, 1024)
+    weight, bias = params[f"{head}.weight"], params.get(f"{head}.bias")
+    chunk = max(1, (1 << 24) // max(1, len(train_x) * num_classes))  # bound the [q, N, C] tensor
+    pools = []
+    with torch.no_grad():
+        for start in range(0, len(query_x), chunk):
+            rows = slice(start, start + chunk)
+            influence = _head_only_influence(features_q[rows], query_y[rows], features, train_y,
+                                             weight, bias, rule)
+            pools.append(influence.topk(k, dim=1).indices)
+    return torch.cat(pools)
+
+
+def _full_model_influence(model, params, buffers, xq, yq, train_x, train_y, loss_before, rule, pool, top_k):
+    """|Δloss| with the full per-query update on the pooled candidates (or on every training point)."""
+    updated = {n: p.detach() for n, p in _per_query_updates(model, params, buffers, xq, yq, rule).items()}
+
+    def losses(p: Params, x: Tensor, y: Tensor) -> Tensor:
+        return per_sample_loss(model, p, buffers, x, y)
+
+    with torch.no_grad():
+        if pool is None:
+            after = torch.cat([vmap(losses, in_dims=(0, None, None))(updated, xb, yb)
+                               for xb, yb in tensor_batches(train_x, train_y, 256)], dim=1)
+            delta = (after - loss_before[None]).abs()
+            best = delta.topk(top_k, dim=1)
+            return best.values, best.indices
+        after = vmap(losses, in_dims=(0, 0, 0))(updated, train_x[pool], train_y[pool])
+        delta = (after - loss_before[pool]).abs()
+        best = delta.topk(top_k, dim=1)
+        return best.values, pool.gather(1, best.indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# Second look: TracIn self-influence
+# --------------------------------------------------------------------------------------------------
+def self_influence(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 64) -> Tensor:
+    """TracIn self-influence at the current checkpoint: ``‖∇_θ ℓ(z; θ)‖²`` per sample.
+
+    Pruthi et al. 2020 (TracInCP): summed over checkpoints (times their learning rate) it is the
+    gradient-based second look at flagged samples; this is one checkpoint's term, computed with
+    per-sample gradients (vmap over ``grad``) in eval mode on a parameter copy. The same quantity
+    captum's ``TracInCP.self_influence`` computes over all layers for one checkpoint with lr 1.
+    """
+    check_class_labels(y, "the samples")
+    device = model_device(model)
+    params, buffers = parameter_copy(model)
+
+    def sample_loss(p: Params, xs: Tensor, ys: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, (p, buffers), (xs[None],)), ys[None])
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    norms = []
+    with eval_mode(model):
+        for xb, yb in tensor_batches(x.to(device), y.to(device), chunk):
+            grads = per_sample_grad(params, xb, yb)
+            norms.append(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    return torch.cat(norms).cpu() if norms else torch.zeros(0)

@@ -1,0 +1,276 @@
+"""The data a callback evaluates, and the one way it is evaluated without disturbing training."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from .capture import ActivationRecorder, HeadInputRecorder, find_head
+
+BatchToXY = Callable[[object], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "features", "data")
+_LABEL_KEYS = ("y", "label", "labels", "target", "targets", "class", "classes")
+
+
+class ProbeDataError(ValueError):
+    """The probe data cannot be used: empty, unlabeled where labels are needed, or of an unknown batch form."""
+
+
+def default_batch_to_xy(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split a batch into inputs and labels.
+
+    Understands ``(x, y, ...)`` tuples and lists, dicts with a common input key (``x``, ``input``, ``image``,
+    ``pixel_values``, ...) and label key (``y``, ``label``, ``target``, ...), and a bare input tensor (no
+    labels). Anything else raises, asking for a ``batch_to_xy`` function.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        label = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], label
+    if isinstance(batch, Mapping):
+        x_key = next((k for k in _INPUT_KEYS if k in batch), None)
+        if x_key is not None:
+            y_key = next((k for k in _LABEL_KEYS if k in batch), None)
+            return batch[x_key], (batch[y_key] if y_key is not None else None)
+        raise ProbeDataError(
+            f"batch dict has keys {sorted(batch)}; expected an input key among {list(_INPUT_KEYS)}. "
+            "Pass batch_to_xy=<function batch -> (x, y)> to the callback."
+        )
+    raise ProbeDataError(
+        f"cannot split a batch of type {type(batch).__name__} into (x, y); "
+        "pass batch_to_xy=<function batch -> (x, y)> to the callback."
+    )
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Restore Python's, NumPy's, torch's CPU and (if initialised) CUDA global RNG streams on exit."""
+    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, grad: bool = False) -> Iterator[nn.Module]:
+    """Evaluate ``model`` without leaving a trace on training.
+
+    Inside: every submodule in eval mode (BatchNorm reads, never updates, its running statistics; dropout
+    off) and, unless ``grad=True``, no autograd. On exit, also after an error: each submodule's own
+    ``training`` flag and every global RNG stream are restored exactly.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with preserved_rng(), torch.set_grad_enabled(grad):
+            model.eval()
+            yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class ProbeData:
+    """A dataset, the dataset indices to evaluate, and how to split its batches into ``(x, y)``.
+
+    Batches come from a private loader (no workers, no shuffling, its own generator), so the training
+    dataloader and its sampler state are never touched. A ``TensorDataset`` is indexed directly.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: torch.Tensor | None = None,
+        batch_size: int = 256,
+        batch_to_xy: BatchToXY | None = None,
+    ) -> None:
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise ProbeDataError(
+                f"the probe dataset ({type(dataset).__name__}) has no len(); an iterable-style dataset cannot be "
+                "indexed per sample. Pass a map-style Dataset."
+            ) from err
+        if n == 0:
+            raise ProbeDataError(f"the probe dataset ({type(dataset).__name__}) is empty")
+        self.dataset = dataset
+        self.indices = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long).flatten()
+        if len(self.indices) == 0:
+            raise ProbeDataError("the probe selection is empty")
+        if int(self.indices.max()) >= n or int(self.indices.min()) < 0:
+            raise ProbeDataError(f"probe indices fall outside the dataset of {n} samples")
+        self.batch_size = int(batch_size)
+        self.batch_to_xy = batch_to_xy or default_batch_to_xy
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def key(self) -> tuple:
+        """Identity of this probe (dataset object and index selection), for caching."""
+        digest = hashlib.blake2b(self.indices.numpy().tobytes(), digest_size=8).hexdigest()
+        return (id(self.dataset), len(self.indices), digest)
+
+    def subset(self, positions: torch.Tensor) -> ProbeData:
+        """A probe over ``self.indices[positions]`` of the same dataset."""
+        return ProbeData(self.dataset, self.indices[positions], self.batch_size, self.batch_to_xy)
+
+    def _raw_batches(self) -> Iterator[object]:
+        if isinstance(self.dataset, TensorDataset):
+            for start in range(0, len(self.indices), self.batch_size):
+                chunk = self.indices[start : start + self.batch_size]
+                yield tuple(t[chunk] for t in self.dataset.tensors)
+            return
+        loader = DataLoader(
+            Subset(self.dataset, self.indices.tolist()),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=0,
+            collate_fn=default_collate,
+            generator=torch.Generator(),
+        )
+        yield from loader
+
+    def batches(self, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """Yield ``(x, y or None, dataset indices)`` with ``x`` and ``y`` on ``device``."""
+        start = 0
+        for raw in self._raw_batches():
+            x, y = self.batch_to_xy(raw)
+            idx = self.indices[start : start + len(x)]
+            start += len(x)
+            yield x.to(device), (y.to(device) if y is not None else None), idx
+
+
+@dataclass
+class ProbeOutputs:
+    """One forward pass over a probe set, on the CPU.
+
+    ``outputs`` are the model's outputs ``[N, ...]``; ``labels`` the targets or ``None``; ``indices`` the dataset
+    index of each row; ``activations`` per recorded layer ``[N, units]`` (conv maps averaged over space);
+    ``features`` the penultimate features (input of the output head) when asked for.
+    """
+
+    outputs: torch.Tensor
+    labels: torch.Tensor | None
+    indices: torch.Tensor
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+
+    def select(self, layer_names) -> ProbeOutputs:
+        """The same outputs with only ``layer_names`` among the activations."""
+        return ProbeOutputs(
+            self.outputs, self.labels, self.indices, {n: self.activations[n] for n in layer_names}, self.features
+        )
+
+    def require_class_labels(self, who: str) -> torch.Tensor:
+        """The integer labels, or a clear error saying that ``who`` needs a classification probe."""
+        if self.labels is None:
+            raise ProbeDataError(f"{who} needs class labels, but the probe batches carry none (inputs only)")
+        if self.labels.is_floating_point() or self.labels.dim() != 1:
+            raise ProbeDataError(
+                f"{who} needs integer class labels of shape [N]; got {self.labels.dtype} labels of shape "
+                f"{tuple(self.labels.shape)} (regression or multi-label targets are not supported)"
+            )
+        if self.outputs.dim() != 2 or self.outputs.shape[1] < 2:
+            raise ProbeDataError(
+                f"{who} needs class scores of shape [N, classes]; the model outputs shape {tuple(self.outputs.shape)}"
+            )
+        return self.labels
+
+
+def run_probe(
+    model: nn.Module,
+    probe: ProbeData,
+    layers: Mapping[str, nn.Module] | None = None,
+    pool: bool = True,
+    features: bool = False,
+) -> ProbeOutputs:
+    """Forward the whole probe set through ``model`` under :func:`evaluation_mode`, recording ``layers``.
+
+    With ``features=True`` the input of the output head (see :func:`~lightning_interp.capture.find_head`) is
+    recorded too. Inputs go to the model's device; results come back on the CPU.
+    """
+    device = model_device(model)
+    outputs, labels, indices = [], [], []
+    recorders = [ActivationRecorder(model, layers or {}, pool=pool)]
+    head = find_head(model) if features else None
+    if head is not None:
+        recorders.append(HeadInputRecorder(model, head))
+    with evaluation_mode(model), contextlib.ExitStack() as stack:
+        for rec in recorders:
+            stack.enter_context(rec)
+        for x, y, idx in probe.batches(device):
+            outputs.append(model(x).detach().cpu())
+            labels.append(y.cpu() if y is not None else None)
+            indices.append(idx)
+    has_labels = all(label is not None for label in labels)
+    return ProbeOutputs(
+        outputs=torch.cat(outputs).float(),
+        labels=torch.cat(labels) if has_labels else None,
+        indices=torch.cat(indices),
+        activations={name: act.float() for name, act in recorders[0].stacked().items()},
+        features=recorders[1].stacked()[head].float() if head is not None else None,
+    )
+
+
+class ProbeCache:
+    """Share one forward pass between callbacks that read the same probe at the same training step.
+
+    Entries live until the step changes. A request for layers the cached pass did not record triggers one
+    new pass over the union of layers, which then serves everyone.
+    """
+
+    def __init__(self) -> None:
+        self._step: object = None
+        self._entries: dict[tuple, ProbeOutputs] = {}
+        self.forward_passes = 0  # for tests and profiling
+
+    def get(
+        self,
+        model: nn.Module,
+        probe: ProbeData,
+        layers: Mapping[str, nn.Module],
+        step: object,
+        features: bool = False,
+    ) -> ProbeOutputs:
+        if step != self._step:
+            self._step, self._entries = step, {}
+        key = (id(model), probe.key)
+        cached = self._entries.get(key)
+        if cached is not None and set(layers) <= set(cached.activations) and (cached.features is not None or not features):
+            return cached.select(list(layers))
+        union = dict(layers)
+        if cached is not None:
+            union.update({n: model.get_submodule(n) for n in cached.activations if n not in union})
+            features = features or cached.features is not None
+        result = run_probe(model, probe, union, pool=True, features=features)
+        self.forward_passes += 1
+        self._entries[key] = result
+        return result.select(list(layers))

@@ -1,0 +1,225 @@
+"""Where results go: scalars to every logger, rich media to every TensorBoard logger, files otherwise.
+
+All writes happen on global rank zero only. When the trainer has no TensorBoard logger, rich media go to
+files under ``<trainer.log_dir>/lightning_interp/`` (PNG, CSV, Markdown, TSV) after one warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._lightning import TensorBoardLogger
+from .alerts import InterpretationWarning
+
+#: The plugin's charts in TensorBoard's "Custom Scalars" tab, one category per concern (regexes over tags).
+CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
+    "lightning_interp: drift": {
+        "ARM aggregate": ["Multiline", [r"arm/aggregate"]],
+        "ARM per layer": ["Multiline", [r"arm/layer/.*"]],
+        "data shift ARM": ["Multiline", [r"arm/shift/.*"]],
+    },
+    "lightning_interp: influence": {
+        "flagged samples": ["Multiline", [r"influence/flagged.*"]],
+        "leaks": ["Multiline", [r"influence/leak.*"]],
+    },
+    "lightning_interp: components": {
+        "held-out correlation": ["Multiline", [r"components/correlation.*"]],
+        "edits": ["Multiline", [r"components/edit.*"]],
+    },
+    "lightning_interp: clusters": {
+        "clusters per layer": ["Multiline", [r"clusters/.*/n_clusters"]],
+        "agreement with labels (NMI)": ["Multiline", [r"clusters/.*/nmi"]],
+    },
+    "lightning_interp: coreset": {
+        "fidelity": ["Multiline", [r".*/coreset/(spearman|jaccard_top_k)"]],
+        "size": ["Multiline", [r".*/coreset/size"]],
+    },
+    "lightning_interp: alerts": {
+        "alerts": ["Multiline", [r"alerts/.*"]],
+    },
+}
+
+
+def _safe_name(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag).strip("_")
+
+
+def _to_numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().float().numpy()
+    return np.asarray(values)
+
+
+def _image_hwc(image) -> np.ndarray:
+    """An image as ``uint8 [H, W, C]``; accepts ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` in [0, 1] or uint8."""
+    img = _to_numpy(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    elif img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):
+        img = np.transpose(img, (1, 2, 0))
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return img
+
+
+class Reporter:
+    """Write one callback's results to the trainer's loggers (or files), on rank zero only."""
+
+    _layouts_written: set[str] = set()
+    _warned_trainers: "weakref.WeakSet" = weakref.WeakSet()  # one fallback warning per trainer
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    # -- destinations -------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.trainer.is_global_zero
+
+    @property
+    def tensorboard_writers(self) -> list:
+        writers = [lg.experiment for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for writer in writers:
+            self._write_layout(writer)
+        return writers
+
+    @property
+    def fallback_dir(self) -> Path:
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(root) / "lightning_interp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _writers_or_fallback(self) -> list:
+        writers = self.tensorboard_writers
+        if not writers and self.trainer not in Reporter._warned_trainers:
+            Reporter._warned_trainers.add(self.trainer)
+            warnings.warn(
+                "no TensorBoardLogger is attached: lightning_interp writes its images, histograms, tables and "
+                f"embeddings as files under {self.fallback_dir}",
+                InterpretationWarning,
+                stacklevel=3,
+            )
+        return writers
+
+    def _write_layout(self, writer) -> None:
+        key = str(writer.get_logdir())
+        if key not in Reporter._layouts_written:
+            writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
+            Reporter._layouts_written.add(key)
+
+    # -- writers ------------------------------------------------------------------------------------------
+    def log_scalars(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Scalars to every attached logger (CSV, W&B, MLflow, TensorBoard, ...); a CSV file if there is none."""
+        if not self.active or not metrics:
+            return
+        step = self.trainer.global_step if step is None else step
+        clean = {k: float(v) for k, v in metrics.items()}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(clean, step=step)
+        if not self.trainer.loggers:
+            path = self.fallback_dir / "scalars.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                out = csv.writer(fh)
+                if new:
+                    out.writerow(["step", "tag", "value"])
+                out.writerows([step, k, v] for k, v in clean.items())
+
+    def log_histogram(self, tag: str, values, step: int | None = None) -> None:
+        if not self.active:
+            return
+        step = self.trainer.global_step if step is None else step
+        data = _to_numpy(values).reshape(-1)
+        data = data[np.isfinite(data)]
+        if data.size == 0:
+            return
+        writers = self._writers_or_fallback()
+        for writer in writers:
+            writer.add_histogram(tag, data, global_step=step)
+        if not writers:
+            np.savetxt(self.fallback_dir / f"{_safe_name(tag)}_step{step}.csv", data, delimiter=",")
+
+    def log_image(self, tag: str, image, step: int | None = None) -> None:
+        """An image ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (float in [0, 1] or uint8)."""
+        if not self.active:
+            return
+        step = self.trainer.global_step if step is None else step
+        img = _image_hwc(image)
+        writers = self._writers_or_fallback()
+        for writer in writers:
+            writer.add_image(tag, img, global_step=step, dataformats="HWC")
+        if not writers:
+            from PIL import Image
+
+            Image.fromarray(img).save(self.fallback_dir / f"{_safe_name(tag)}_step{step}.png")
+
+    def log_figure(self, tag: str, figure, step: int | None = None) -> None:
+        """A matplotlib figure, rendered to an image and closed."""
+        from .plots import figure_to_array
+
+        self.log_image(tag, figure_to_array(figure), step)
+
+    def log_text(self, tag: str, markdown: str, step: int | None = None) -> None:
+        if not self.active:
+            return
+        step = self.trainer.global_step if step is None else step
+        writers = self._writers_or_fallback()
+        for writer in writers:
+            writer.add_text(tag, markdown, global_step=step)
+        if not writers:
+            with (self.fallback_dir / f"{_safe_name(tag)}.md").open("a") as fh:
+                fh.write(f"\n## step {step}\n\n{markdown}\n")
+
+    def log_embedding(
+        self,
+        tag: str,
+        mat: torch.Tensor,
+        metadata: list | None = None,
+        metadata_header: list[str] | None = None,
+        label_img: torch.Tensor | None = None,
+        step: int | None = None,
+    ) -> None:
+        """Points for TensorBoard's projector, with metadata columns and optional thumbnails ``[N, C, H, W]``."""
+        if not self.active:
+            return
+        step = self.trainer.global_step if step is None else step
+        writers = self._writers_or_fallback()
+        for writer in writers:
+            writer.add_embedding(
+                mat.detach().cpu().float(),
+                metadata=metadata,
+                metadata_header=metadata_header,
+                label_img=None if label_img is None else label_img.detach().cpu().float(),
+                global_step=step,
+                tag=tag,
+            )
+        if not writers:
+            stem = self.fallback_dir / f"{_safe_name(tag)}_step{step}"
+            np.savetxt(f"{stem}_vectors.tsv", _to_numpy(mat), delimiter="\t")
+            if metadata is not None:
+                with open(f"{stem}_metadata.tsv", "w", newline="") as fh:
+                    out = csv.writer(fh, delimiter="\t")
+                    if metadata_header:
+                        out.writerow(metadata_header)
+                    out.writerows(row if isinstance(row, (list, tuple)) else [row] for row in metadata)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (TensorBoard's text plugin renders it)."""
+
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

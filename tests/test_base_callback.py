@@ -1,0 +1,163 @@
+"""The base callback in real Trainer runs: schedule, no disturbance, alerts, state, reporting, errors."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import MeanActivation, make_trainer, read_scalars, read_tags
+
+from lightning_interp import InterpretationAlert, InterpretationWarning
+from lightning_interp._lightning import Callback, ModelCheckpoint, pl
+from lightning_interp.capture import LayerSelectionError
+from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+
+class TrainingSnapshot(Callback):
+    """Records what the training loop sees: module modes at every batch and the RNG after each epoch."""
+
+    def __init__(self):
+        self.modes, self.rng = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append(tuple(m.training for m in pl_module.modules()))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.rng.append(torch.get_rng_state().clone())
+
+
+def _fit(tmp_path, callbacks, epochs=3):
+    pl.seed_everything(7, workers=True)
+    model = DigitsCNN()
+    model.bn2.eval()  # unusual but legal: a frozen BatchNorm must stay frozen
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=epochs, logger=False)
+    trainer.fit(model, DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0))
+    return model, trainer
+
+
+def test_never_disturbs_training_bit_for_bit(tmp_path):
+    """Weights, BatchNorm buffers, optimizer state, RNG streams and module modes are identical with and
+    without the callbacks (which run every epoch, with a model-driven coreset)."""
+    spy_a, spy_b = TrainingSnapshot(), TrainingSnapshot()
+    plain, t_plain = _fit(tmp_path / "a", [spy_a])
+    interp = [
+        MeanActivation(probe="train", strict=True),
+        MeanActivation(probe="val", probe_size=0.3, probe_selector="kcenter", strict=True),
+    ]
+    probed, t_probed = _fit(tmp_path / "b", [*interp, spy_b])
+    assert all(len(cb.history_) == 3 for cb in interp)
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} changed"
+    opt_a, opt_b = t_plain.optimizers[0].state_dict(), t_probed.optimizers[0].state_dict()
+    for key in opt_a["state"]:
+        for field, value in opt_a["state"][key].items():
+            assert torch.equal(value, opt_b["state"][key][field]), f"optimizer {key}.{field} changed"
+    assert spy_a.modes == spy_b.modes and not probed.bn2.training
+    assert all(torch.equal(a, b) for a, b in zip(spy_a.rng, spy_b.rng))
+
+
+def test_schedule_scalars_and_histograms_reach_tensorboard(tmp_path, datamodule):
+    cb = MeanActivation(every_n_epochs=2, strict=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=4)
+    trainer.fit(DigitsCNN(), datamodule)
+    assert [h["epoch"] for h in cb.history_] == [1, 3]
+    scalars = read_scalars(tmp_path / "tb")
+    assert len(scalars["probe_mean/conv1"]) == 2
+    steps = [s for s, _ in scalars["probe_mean/conv1"]]
+    assert steps == sorted(steps) and steps[0] > 0
+    assert "probe_mean/outputs" in read_tags(tmp_path / "tb")["histograms"]
+
+
+def test_coreset_probe_is_logged_with_its_fidelity(tmp_path, datamodule):
+    cb = MeanActivation(probe="train", probe_size=0.25, probe_selector="kcenter", strict=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(DigitsCNN(), datamodule)
+    n_train = len(datamodule.splits.y_train)
+    assert cb.coreset_["size"] == round(0.25 * n_train) and len(cb.probe_) == cb.coreset_["size"]
+    assert -1.0 <= cb.coreset_["fidelity"]["spearman"] <= 1.0
+    scalars = read_scalars(tmp_path / "tb")
+    assert {"probe_mean/coreset/size", "probe_mean/coreset/spearman"} <= set(scalars)
+
+
+@pytest.mark.parametrize("action", ["warn", "stop", "raise"])
+def test_alert_actions(tmp_path, datamodule, action):
+    seen = []
+    cb = MeanActivation(threshold=-1.0, alert_action=action, alert_hooks=[seen.append], strict=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=3)
+    if action == "raise":
+        with pytest.raises(InterpretationAlert, match="mean activation too large"):
+            trainer.fit(DigitsCNN(), datamodule)
+        assert len(seen) == 1
+        return
+    with pytest.warns(InterpretationWarning, match="mean activation too large"):
+        trainer.fit(DigitsCNN(), datamodule)
+    assert seen and seen[0].source == "MeanActivation" and seen[0].threshold == -1.0
+    assert trainer.current_epoch == (1 if action == "stop" else 3)
+    assert len(cb.alerts_) == len(seen)
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["alerts/probe_mean"][-1][1] == len(seen)
+
+
+def test_resume_keeps_history_and_alerts(tmp_path, datamodule):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = MeanActivation(threshold=-1.0, probe_size=40, probe_selector="random")
+    with pytest.warns(InterpretationWarning):
+        make_trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(DigitsCNN(), datamodule)
+    resumed = MeanActivation(threshold=-1.0, probe_size=40, probe_selector="random")
+    with pytest.warns(InterpretationWarning):
+        make_trainer(tmp_path, [resumed], max_epochs=3).fit(DigitsCNN(), datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history_] == [0, 1, 2]
+    assert [a.epoch for a in resumed.alerts_][:len(first.alerts_)] == [a.epoch for a in first.alerts_]
+    assert torch.equal(resumed.coreset_["indices"], first.coreset_["indices"])  # the same probe after resume
+
+
+def test_weights_only_checkpoints_warn_that_state_is_lost(tmp_path, datamodule):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
+    with pytest.warns(InterpretationWarning, match="save_weights_only=True"):
+        make_trainer(tmp_path, [MeanActivation(), ckpt], max_epochs=1, enable_checkpointing=True).fit(DigitsCNN(), datamodule)
+
+
+def test_without_tensorboard_media_go_to_files_after_one_warning(tmp_path, datamodule):
+    cb = MeanActivation()
+    with pytest.warns(InterpretationWarning, match="no TensorBoardLogger") as record:
+        make_trainer(tmp_path, [cb], max_epochs=2, logger=False).fit(DigitsCNN(), datamodule)
+    assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
+    files = {p.name for p in (tmp_path / "lightning_interp").iterdir()}
+    assert "scalars.csv" in files and any(f.startswith("probe_mean_outputs_step") for f in files)
+
+
+def test_bad_configuration_fails_fast_with_what_exists(tmp_path, datamodule):
+    with pytest.raises(LayerSelectionError, match="available layers: conv1"):
+        make_trainer(tmp_path, [MeanActivation(layers=["encoder.*"])]).fit(DigitsCNN(), datamodule)
+    for kwargs, match in [
+        ({"alert_action": "email"}, "alert_action must be one of"),
+        ({"probe": "test"}, "probe must be 'train', 'val'"),
+        ({"probe_size": 1.5}, r"fraction must be in \(0, 1\]"),
+        ({"probe_size": 0}, "count must be >= 1"),
+        ({"probe_selector": "best"}, "probe_selector must be one of"),
+        ({"every_n_epochs": -1}, "every_n_epochs"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MeanActivation(**kwargs)
+
+
+def test_a_failing_analysis_warns_once_and_training_continues(tmp_path, datamodule):
+    class Broken(MeanActivation):
+        def compute(self, trainer, pl_module, probe):
+            raise RuntimeError("activations contain NaN")
+
+    cb = Broken()
+    with pytest.warns(InterpretationWarning, match="skipped epoch 0: activations contain NaN") as record:
+        trainer = make_trainer(tmp_path, [cb], max_epochs=3)
+        trainer.fit(DigitsCNN(), datamodule)
+    assert trainer.current_epoch == 3
+    assert sum("activations contain NaN" in str(w.message) for w in record) == 1
+    with pytest.raises(RuntimeError, match="NaN"):
+        make_trainer(tmp_path, [Broken(strict=True)], max_epochs=1).fit(DigitsCNN(), datamodule)
+
+
+def test_missing_validation_data_is_named(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))), batch_size=16)
+    with pytest.raises(Exception, match="probe='val' but the trainer has no val dataloader"):
+        make_trainer(tmp_path, [MeanActivation(strict=True)], max_epochs=1).fit(DigitsCNN(), data)

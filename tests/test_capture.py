@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_interp.capture import ActivationRecorder, HeadInputRecorder, LayerSelectionError, find_head, select_layers
+from lightning_interp.demo import DigitsCNN
+
+
+def test_default_selection_is_conv_and_linear_without_the_head():
+    model = DigitsCNN()
+    assert list(select_layers(model)) == ["conv1", "conv2", "conv3", "fc1"]
+    assert find_head(model) == "fc2"
+
+
+def test_glob_selection_keeps_order_and_may_name_the_head():
+    model = DigitsCNN()
+    assert list(select_layers(model, include=["conv*"])) == ["conv1", "conv2", "conv3"]
+    assert list(select_layers(model, include=["fc2", "bn2"])) == ["bn2", "fc2"]
+
+
+def test_unmatched_pattern_lists_available_layers():
+    with pytest.raises(LayerSelectionError) as err:
+        select_layers(DigitsCNN(), include=["encoder.*"])
+    message = str(err.value)
+    assert "encoder.*" in message and "conv1 (Conv2d)" in message and "fc2 (Linear)" in message
+
+
+def test_model_without_eligible_layers_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 2))  # only a head
+    with pytest.raises(LayerSelectionError, match="no Conv1d, Conv2d, Conv3d, Linear layer besides its output head"):
+        select_layers(model)
+
+
+def test_recorder_pools_conv_maps_and_always_removes_hooks():
+    model = DigitsCNN().eval()
+    x = torch.randn(5, 1, 8, 8)
+    layers = select_layers(model)
+    with ActivationRecorder(model, layers) as rec:
+        model(x)
+    acts = rec.stacked()
+    assert acts["conv1"].shape == (5, 16) and acts["fc1"].shape == (5, 64)
+    expected = torch.relu(model.conv1(x)) if False else model.conv1(x).mean(dim=(2, 3))
+    torch.testing.assert_close(acts["conv1"], expected)
+    assert all(not m._forward_hooks for m in model.modules())
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with ActivationRecorder(model, layers, pool=False) as rec:
+            raise RuntimeError("boom")
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_unpooled_maps_and_head_inputs():
+    model = DigitsCNN().eval()
+    x = torch.randn(3, 1, 8, 8)
+    with ActivationRecorder(model, {"conv2": model.conv2}, pool=False) as rec, HeadInputRecorder(model, "fc2") as head:
+        out = model(x)
+    assert rec.stacked()["conv2"].shape == (3, 32, 8, 8)
+    feats = head.stacked()["fc2"]
+    torch.testing.assert_close(model.fc2(feats), out)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

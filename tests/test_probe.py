@@ -1,0 +1,94 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_interp.capture import select_layers
+from lightning_interp.demo import DigitsCNN
+from lightning_interp.probe import ProbeCache, ProbeData, ProbeDataError, default_batch_to_xy, evaluation_mode, run_probe
+
+
+class DictDataset(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_batch_conventions():
+    x, y = torch.randn(4, 3), torch.arange(4)
+    assert default_batch_to_xy((x, y))[1] is y
+    assert default_batch_to_xy([x])[1] is None
+    assert default_batch_to_xy({"pixel_values": x, "labels": y})[0] is x
+    assert default_batch_to_xy(x)[1] is None
+    with pytest.raises(ProbeDataError, match=r"keys \['foo'\].*batch_to_xy"):
+        default_batch_to_xy({"foo": x})
+    with pytest.raises(ProbeDataError, match="type str"):
+        default_batch_to_xy("nope")
+
+
+def test_evaluation_mode_restores_modes_and_rng_even_on_error():
+    model = DigitsCNN().train()
+    model.bn2.eval()  # a user's frozen BatchNorm must stay frozen, the rest stays in training mode
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with pytest.raises(RuntimeError):
+        with evaluation_mode(model):
+            assert not model.training and not torch.is_grad_enabled()
+            torch.rand(10), random.random(), np.random.rand()
+            raise RuntimeError("inside")
+    assert model.training and model.conv1.training and not model.bn2.training
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+
+
+def test_run_probe_keys_by_dataset_index_and_matches_a_plain_forward():
+    model = DigitsCNN()
+    x, y = torch.rand(50, 1, 8, 8), torch.randint(0, 10, (50,))
+    idx = torch.tensor([7, 3, 41, 0, 19])
+    for dataset in (TensorDataset(x, y), DictDataset(x, y)):
+        outs = run_probe(model, ProbeData(dataset, idx, batch_size=2), select_layers(model), features=True)
+        assert torch.equal(outs.indices, idx) and torch.equal(outs.labels, y[idx])
+        with torch.no_grad():
+            model.eval()
+            torch.testing.assert_close(outs.outputs, model(x[idx]))
+            torch.testing.assert_close(outs.activations["conv1"], model.conv1(x[idx]).mean((2, 3)))
+        assert outs.features.shape == (5, 64)
+        model.train()
+
+
+def test_bad_probe_data_is_named():
+    with pytest.raises(ProbeDataError, match="empty"):
+        ProbeData(TensorDataset(torch.empty(0, 3)))
+    with pytest.raises(ProbeDataError, match="outside the dataset of 4"):
+        ProbeData(TensorDataset(torch.empty(4, 3)), torch.tensor([4]))
+    outs = run_probe(DigitsCNN(), ProbeData(TensorDataset(torch.rand(6, 1, 8, 8))))
+    with pytest.raises(ProbeDataError, match="needs class labels.*inputs only"):
+        outs.require_class_labels("MirroredInfluence")
+    outs = run_probe(DigitsCNN(), ProbeData(TensorDataset(torch.rand(6, 1, 8, 8), torch.rand(6))))
+    with pytest.raises(ProbeDataError, match="integer class labels.*regression"):
+        outs.require_class_labels("MirroredInfluence")
+
+
+def test_cache_shares_one_pass_per_step_and_grows_to_the_union_of_layers():
+    model = DigitsCNN()
+    probe = ProbeData(TensorDataset(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))))
+    cache = ProbeCache()
+    a = cache.get(model, probe, {"conv1": model.conv1}, step=0)
+    b = cache.get(model, probe, {"conv1": model.conv1}, step=0)
+    assert cache.forward_passes == 1 and a.outputs is b.outputs
+    c = cache.get(model, probe, {"fc1": model.fc1}, step=0)
+    assert cache.forward_passes == 2 and list(c.activations) == ["fc1"]
+    cache.get(model, probe, {"conv1": model.conv1, "fc1": model.fc1}, step=0)
+    assert cache.forward_passes == 2  # the union was recorded by the second pass
+    cache.get(model, probe, {"conv1": model.conv1}, step=1)
+    assert cache.forward_passes == 3
