@@ -23,7 +23,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import warnings
 import time
 
 import torch
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from lightning_interp.demo import DigitsCNN, load_digits_tensors
 from lightning_interp.methods import arm, coar
-from lightning_interp.methods.coreset import SELECTORS, fidelity, herding, kcenter_greedy, resolve_size, select_coreset
+from lightning_interp.methods.coreset import SELECTORS, adaptive_coreset, fidelity, herding, kcenter_greedy, resolve_size, select_coreset
 
 LAYERS = ("conv1", "conv2", "conv3", "fc1")
 FRACTIONS = (0.05, 0.10, 0.30)
@@ -63,16 +65,24 @@ def textbook_kcenter(x: torch.Tensor, size: int, first: int) -> torch.Tensor:
 
 def kcenter_speed(repeats: int) -> list[str]:
     x = torch.randn(10_000, 512, generator=torch.Generator().manual_seed(0))
-    kcenter_greedy(x, 100)  # warm-up (first-call kernel setup)
-    lines = ["| centers | ours (lazy, exact) s | textbook loop s | speed-up | same picks | herding s |", "|---|---|---|---|---|---|"]
-    for size in (500, 1000):
-        ours = kcenter_greedy(x, size)
-        same = torch.equal(ours, textbook_kcenter(x, size, int(ours[0])))
-        t_ours = best_time(lambda: kcenter_greedy(x, size), repeats)
-        t_book = best_time(lambda: textbook_kcenter(x, size, int(ours[0])), repeats)
-        t_herd = best_time(lambda: herding(x, size), 1)
-        lines.append(f"| {size} | {t_ours:.3f} | {t_book:.3f} | {t_book / t_ours:.1f}x | {same} | {t_herd:.3f} |")
-        print(lines[-1], flush=True)
+    default_threads = torch.get_num_threads()
+    lines = ["| torch threads | centers | ours (lazy, exact) s | textbook loop s | speed-up | same picks | herding s |",
+             "|---|---|---|---|---|---|---|"]
+    try:
+        for threads in sorted({1, 2, default_threads}):
+            torch.set_num_threads(threads)
+            kcenter_greedy(x, 100)  # warm-up (first-call kernel setup)
+            for size in (500, 1000):
+                ours = kcenter_greedy(x, size)
+                same = torch.equal(ours, textbook_kcenter(x, size, int(ours[0])))
+                t_ours = best_time(lambda: kcenter_greedy(x, size), repeats)
+                t_book = best_time(lambda: textbook_kcenter(x, size, int(ours[0])), repeats)
+                t_herd = best_time(lambda: herding(x, size), 1)
+                lines.append(f"| {threads} | {size} | {t_ours:.3f} | {t_book:.3f} | {t_book / t_ours:.1f}x | {same} "
+                             f"| {t_herd:.3f} |")
+                print(lines[-1], flush=True)
+    finally:
+        torch.set_num_threads(default_threads)
     return lines
 
 
@@ -116,11 +126,6 @@ def arm_result(model, x_clean, x_noisy):
     return arm.arm_from_activations(a, b)
 
 
-def per_layer_fidelity(full: dict[str, torch.Tensor], sub: dict[str, torch.Tensor]) -> tuple[float, float]:
-    fids = [fidelity(full[k], sub[k]) for k in full]
-    return statistics.mean(f["spearman"] for f in fids), statistics.mean(f["jaccard_top_k"] for f in fids)
-
-
 def results_on(model, x, x_noisy, positions, coar_attr):
     res = arm_result(model, x[positions], x_noisy[positions])
     acts, _, _ = record(model, x[positions])
@@ -133,13 +138,12 @@ def results_on(model, x, x_noisy, positions, coar_attr):
 
 
 def compare(full, sub) -> dict[str, float]:
-    arm_rho, arm_j = per_layer_fidelity(full["arm_unit"], sub["arm_unit"])
-    prof_rho, _ = per_layer_fidelity(full["profile"], sub["profile"])
+    arm_fid = fidelity(full["arm_unit"], sub["arm_unit"])  # {layer: per-unit}: compared within each layer
     coar_fid = fidelity(full["coar"], sub["coar"])
     return {
-        "arm_unit_rho": arm_rho, "arm_unit_j": arm_j,
+        "arm_unit_rho": arm_fid["spearman"], "arm_unit_j": arm_fid["jaccard_top_k"],
         "arm_layer_rho": fidelity(full["arm_layer"], sub["arm_layer"], top_k=1)["spearman"],
-        "profile_rho": prof_rho,
+        "profile_rho": fidelity(full["profile"], sub["profile"])["spearman"],
         "coar_rho": coar_fid["spearman"], "coar_j": coar_fid["jaccard_top_k"],
     }
 
@@ -167,32 +171,42 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
     start = time.perf_counter()
     coar_full, _ = coar.fit_attributions(model, components, x, splits.y_train, n_masks=n_masks, seed=0)
     t_coar_full = time.perf_counter() - start
-    coar_attr = coar_full.T  # [examples, components]
+    coar_attr = coar_full  # [examples, components]
     print(f"COAR: {len(components)} components, {n_masks} masks, full fit {t_coar_full:.1f}s", flush=True)
 
     full = results_on(model, x, x_noisy, torch.arange(n), coar_attr)
-    rows, select_time = [], {}
-    for selector in SELECTORS:
+    rows = []
+    variants = [(sel, False) for sel in SELECTORS] + [(sel, True) for sel in SELECTORS]
+    for selector, balance in variants:
         for fraction in FRACTIONS:
             size = resolve_size(n, fraction)
             seeds = range(random_seeds) if selector == "random" else range(1)
             scores: dict[str, list[float]] = {c: [] for c in COLUMNS}
+            select_ms = []
             for seed in seeds:
                 start = time.perf_counter()
-                pos = select_coreset(selector, size, features=features, logits=logits, seed=seed)
-                select_time[(selector, fraction)] = time.perf_counter() - start
+                pos = select_coreset(selector, size, features=features, logits=logits, labels=splits.y_train,
+                                     balance=balance, seed=seed)
+                select_ms.append((time.perf_counter() - start) * 1e3)
                 for c, v in compare(full, results_on(model, x, x_noisy, pos, coar_attr)).items():
                     scores[c].append(v)
-            rows.append(f"| {selector} | {fraction:.0%} ({size}) | " + " | ".join(fmt(scores[c]) for c in COLUMNS)
-                        + f" | {select_time[(selector, fraction)] * 1e3:.1f} |")
+            name = selector + (" (balanced)" if balance else "")
+            rows.append(f"| {name} | {fraction:.0%} ({size}) | " + " | ".join(fmt(scores[c]) for c in COLUMNS)
+                        + f" | {min(select_ms):.1f} |")
             print(rows[-1], flush=True)
+    # the ceiling: the same full-set ARM with another draw of the input noise
+    x_noisy2 = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    redraw = fidelity(full["arm_unit"], arm_result(model, x, x_noisy2).per_unit)
+    rows.append(f"| full set, another noise draw | 100% ({n}) | {redraw['spearman']:.3f} | {redraw['jaccard_top_k']:.3f}"
+                " | | | | | |")
+    print(rows[-1], flush=True)
     header = ["| selector | fraction (n) | ARM unit ρ | ARM unit J@10% | ARM layer ρ | profile ρ | COAR ρ | COAR J@10% "
               "| select ms |", "|---|---|---|---|---|---|---|---|---|"]
 
     # time saved: the methods themselves on the full set vs on a coreset (selection is a one-off cost)
     pos10 = select_coreset("random", resolve_size(n, 0.1), n_total=n)
     sub_attr, _ = coar.fit_attributions(model, components, x[pos10], splits.y_train[pos10], n_masks=n_masks, seed=0)
-    same_masks = float((sub_attr.T - coar_attr[pos10]).abs().max())
+    same_masks = float((sub_attr - coar_attr[pos10]).abs().max())
     timing = ["| method | full set s | 5% s | 10% s | 30% s | speed-up at 10% |", "|---|---|---|---|---|---|"]
     t_arm = {1.0: best_time(lambda: arm_result(model, x, x_noisy), repeats)}
     t_coar = {1.0: t_coar_full}
@@ -205,20 +219,34 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
     for name, t in (("ARM (forward clean + noisy, W1)", t_arm), (f"COAR fit ({n_masks} masks)", t_coar)):
         timing.append(f"| {name} | {t[1.0]:.3f} | {t[0.05]:.3f} | {t[0.1]:.3f} | {t[0.3]:.3f} | {t[1.0] / t[0.1]:.1f}x |")
     print("\n".join(timing))
+
+    adaptive = ["| selector | chosen size | Spearman | sizes tried (Spearman) |", "|---|---|---|---|"]
+    arm_units = lambda positions: arm_result(model, x[positions], x_noisy[positions]).per_unit
+    for selector in SELECTORS:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            res = adaptive_coreset(arm_units, n, selector, features=features, logits=logits, target=0.9)
+        tried = ", ".join(f"{size} ({rho:.2f})" for size, rho in res.trace)
+        adaptive.append(f"| {selector} | {res.size} ({res.size / n:.0%}) | {res.fidelity['spearman']:.3f} | {tried} |")
+    print("\n".join(adaptive))
     print(f"COAR on a 10% subset vs the same rows of the full fit (same masks): max |diff| = {same_masks:.2e}")
-    return header + rows, timing, same_masks
+    return header + rows, timing, adaptive
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer epochs/masks/repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     epochs, n_masks, seeds, repeats = (3, 160, 2, 1) if args.quick else (20, 300, 5, 3)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     print("\n## k-center greedy, 10,000 x 512 random features (randn)")
     kcenter_speed(repeats)
     print("\n## fidelity to the full probe set, demo model")
     demo_fidelity(epochs, n_masks, seeds, repeats)
+    print(f"load average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,31 @@
-"""The one place that imports Lightning, so the whole package follows one namespace.
+"""The one place that imports Lightning.
 
-``pytorch_lightning`` is the default. Set ``LIGHTNING_INTERP_NAMESPACE=lightning`` to build the callbacks on
-``lightning.pytorch`` instead (both packages define their own ``Callback`` class, and a ``Trainer`` accepts only
-its own namespace's callbacks).
+``pytorch_lightning`` is used when installed, else ``lightning.pytorch``. The callbacks work with a ``Trainer``
+of either namespace: Lightning calls callback hooks by name, and this package recognises loggers and
+checkpoint callbacks by class name rather than by ``isinstance`` on one namespace's classes.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
-_NAMESPACES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
+try:
+    pl = importlib.import_module("pytorch_lightning")
+except ImportError:  # only the unified ``lightning`` package is installed
+    pl = importlib.import_module("lightning.pytorch")
 
-_choice = os.environ.get("LIGHTNING_INTERP_NAMESPACE", "pytorch_lightning")
-if _choice not in _NAMESPACES:
-    raise ImportError(
-        f"LIGHTNING_INTERP_NAMESPACE={_choice!r} is not supported; use one of {sorted(_NAMESPACES)}"
-    )
-
-pl = importlib.import_module(_NAMESPACES[_choice])
 Callback = pl.Callback
 LightningModule = pl.LightningModule
 LightningDataModule = pl.LightningDataModule
 Trainer = pl.Trainer
-rank_zero_only = importlib.import_module(_NAMESPACES[_choice] + ".utilities").rank_zero_only
 TensorBoardLogger = pl.loggers.TensorBoardLogger
 ModelCheckpoint = pl.callbacks.ModelCheckpoint
+
+
+def is_instance_by_name(obj: object, class_name: str) -> bool:
+    """``isinstance`` that holds across the ``pytorch_lightning`` and ``lightning.pytorch`` namespaces."""
+    return any(cls.__name__ == class_name for cls in type(obj).__mro__)
+
 
 __all__ = [
     "pl",
@@ -35,5 +35,5 @@ __all__ = [
     "Trainer",
     "TensorBoardLogger",
     "ModelCheckpoint",
-    "rank_zero_only",
+    "is_instance_by_name",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._lightning import TensorBoardLogger
+from ._lightning import is_instance_by_name
 from .alerts import InterpretationWarning
 
 #: The plugin's charts in TensorBoard's "Custom Scalars" tab, one category per concern (regexes over tags).
@@ -87,14 +87,17 @@ class Reporter:
 
     @property
     def tensorboard_writers(self) -> list:
-        writers = [lg.experiment for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        writers = [lg.experiment for lg in self.trainer.loggers if is_instance_by_name(lg, "TensorBoardLogger")]
         for writer in writers:
             self._write_layout(writer)
         return writers
 
     @property
     def fallback_dir(self) -> Path:
-        root = self.trainer.log_dir or self.trainer.default_root_dir
+        # Not ``trainer.log_dir``: under DDP that property is a collective, and only rank zero writes.
+        loggers = self.trainer.loggers
+        root = (getattr(loggers[0], "log_dir", None) or loggers[0].save_dir) if loggers else None
+        root = root or self.trainer.default_root_dir
         path = Path(root) / "lightning_interp"
         path.mkdir(parents=True, exist_ok=True)
         return path

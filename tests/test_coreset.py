@@ -220,6 +220,25 @@ def test_fidelity_bad_input():
         assert math.isnan(fidelity(a, torch.ones(10))["spearman"])
 
 
+def test_fidelity_per_layer_mappings_average_within_layer_numbers():
+    g = torch.Generator().manual_seed(0)
+    full = {"conv1": torch.randn(16, generator=g), "fc1": 100 + torch.randn(40, generator=g)}
+    sub = {"conv1": -full["conv1"], "fc1": full["fc1"] + 0.01 * torch.randn(40, generator=g)}
+    fid = fidelity(full, sub)
+    each = [fidelity(full[k], sub[k]) for k in full]
+    assert fid["spearman"] == pytest.approx((each[0]["spearman"] + each[1]["spearman"]) / 2)
+    assert fid["top_k"] == 2 + 4
+    # concatenated, the offset between layers would hide that conv1 is reversed
+    concat = fidelity(torch.cat(list(full.values())), torch.cat(list(sub.values())))
+    assert concat["spearman"] > 0.8 > fid["spearman"]
+    with pytest.raises(ValueError, match="same non-empty keys"):
+        fidelity(full, {"conv1": sub["conv1"]})
+    with pytest.raises(ValueError, match="for 'fc1'"):
+        fidelity(full, {"conv1": sub["conv1"], "fc1": sub["fc1"][:5]})
+    with pytest.raises(TypeError, match="mappings"):
+        fidelity(full, torch.zeros(3))
+
+
 # ----------------------------------------------------------------------------------------- adaptive
 def mean_profile(x):
     return lambda positions: x[positions].mean(0)
@@ -268,3 +287,15 @@ def test_selectors_run_on_the_tensors_device(selector):
         cpu = select_coreset(selector, 30, features=x.cpu(), logits=logits.cpu(), labels=y.cpu(), balance=balance)
         if selector in ("random", "uncertainty"):
             assert torch.equal(pos.cpu(), cpu)
+
+
+def test_greedy_selectors_restore_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, _ = clustered(n=100)
+        kcenter_greedy(x, 10)
+        herding(x, 10)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

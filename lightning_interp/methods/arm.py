@@ -173,14 +173,19 @@ def _units_view(acts: Tensor) -> Tensor:
 
 
 def arm_from_activations(
-    acts_a: Mapping[str, Tensor], acts_b: Mapping[str, Tensor], warn_skipped: bool = True
+    acts_a: Mapping[str, Tensor],
+    acts_b: Mapping[str, Tensor],
+    warn_skipped: bool = True,
+    assume_sorted: bool = False,
 ) -> ARMResult:
     """ARM from recorded activations (ARM paper: ``ARM_l`` mean over units, ``ARM`` mean over layers).
 
     Args:
         acts_a: ``{layer: [n, units]}`` on the reference data (``[n, C, H, W]`` maps are averaged over space).
         acts_b: ``{layer: [m, units]}`` on the other data, same layers.
-        warn_skipped: one warning naming the layers whose activations contain NaN/inf (they are skipped).
+        warn_skipped: one warning naming the layers whose activations contain NaN/inf (they are skipped
+            either way; ``ARMResult.skipped`` lists them).
+        assume_sorted: every ``[n, units]`` tensor is already sorted along the samples (:func:`sort_samples`).
     """
     missing = sorted(set(acts_a) ^ set(acts_b))
     if missing:
@@ -200,7 +205,7 @@ def arm_from_activations(
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             skipped.append(name)
             continue
-        dist = wasserstein_1d(a, b)
+        dist = wasserstein_1d(a, b, assume_sorted=assume_sorted)
         per_unit[name] = dist.detach().cpu()
         per_layer[name] = float(dist.mean())
     if skipped and warn_skipped:
@@ -343,63 +348,83 @@ def resolve_energy_meter(tracker: str | Callable[[], EnergyMeter] | None) -> Cal
 class RetrainingCost:
     """The cost of adapting a model to one shift (ARM paper's protocol: retrain until a target accuracy).
 
-    ``energy_kwh`` and ``co2_kg`` are ``None`` when no tracker was available: never estimated.
+    ``epochs`` is the first epoch at which the retrained copy reached ``target_accuracy`` (0: the model already
+    did before retraining); when it never did, the epochs run (``reached=False``, a censored value).
+    ``seconds`` is the wall time of those epochs (training and the per-epoch evaluation). ``energy_kwh`` and
+    ``co2_kg`` cover the whole retraining run and are ``None`` when no tracker was available: never estimated.
+    ``accuracy_curve[e]`` is the shifted-test accuracy after ``e`` epochs.
     """
 
     shift: float
     arm: float
     arm_per_layer: dict[str, float]
     accuracy_before: float
-    accuracy_after: float
+    best_accuracy: float
     target_accuracy: float
     epochs: int
     reached: bool
     seconds: float
     energy_kwh: float | None = None
     co2_kg: float | None = None
+    accuracy_curve: list[float] = field(default_factory=list, repr=False)
 
 
-def _accuracy(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, batch_size: int) -> float:
+def _accuracy(model: nn.Module, state: dict[str, Tensor], x: Tensor, y: Tensor, batch_size: int) -> float:
     correct = 0
     with torch.no_grad():
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            logits = torch.func.functional_call(model, params, (xb,))
+            logits = torch.func.functional_call(model, state, (xb,))
             correct += int((logits.argmax(dim=1) == yb).sum())
     return correct / len(y)
 
 
-def _retrain_until(
+def _retraining_curve(
     model: nn.Module,
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
-    target: float,
+    should_stop: Callable[[list[float]], bool],
     max_epochs: int,
     lr: float,
     batch_size: int,
     generator: torch.Generator,
-) -> tuple[int, float, bool]:
-    """Retrain a functional copy of ``model`` (cloned parameters and buffers; the model is untouched) with
-    Adam on ``train`` until the accuracy on ``test`` reaches ``target``. Returns (epochs, accuracy, reached)."""
+) -> tuple[list[float], list[float]]:
+    """Retrain a functional copy of ``model`` (cloned parameters and buffers through
+    ``torch.func.functional_call``; the model's own tensors are never updated) with Adam on ``train``.
+
+    Returns the test accuracy after each epoch (index 0: before retraining) and the cumulative seconds.
+    The caller restores the modules' train/eval flags.
+    """
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    state = {**params, **buffers}
+    state = {**params, **{k: v.detach().clone() for k, v in model.named_buffers()}}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     x_train, y_train = train
+    started = time.perf_counter()
     model.eval()
-    accuracy = _accuracy(model, state, *test, batch_size)
-    epochs = 0
-    while accuracy < target and epochs < max_epochs:
+    accuracies, seconds = [_accuracy(model, state, *test, batch_size)], [0.0]
+    while len(accuracies) <= max_epochs and not should_stop(accuracies):
         model.train()
-        for batch in torch.randperm(len(y_train), generator=generator).split(batch_size):
-            x_batch, y_batch = x_train[batch], y_train[batch]
-            loss = F.cross_entropy(torch.func.functional_call(model, state, (x_batch,)), y_batch)
+        for batch in torch.randperm(len(y_train), generator=generator, device=generator.device).split(batch_size):
+            loss = F.cross_entropy(torch.func.functional_call(model, state, (x_train[batch],)), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        epochs += 1
         model.eval()
-        accuracy = _accuracy(model, state, *test, batch_size)
-    return epochs, accuracy, accuracy >= target
+        accuracies.append(_accuracy(model, state, *test, batch_size))
+        seconds.append(time.perf_counter() - started)
+    return accuracies, seconds
+
+
+def _plateaued(patience: int, min_delta: float) -> Callable[[list[float]], bool]:
+    """Early-stopping rule: the last gain of at least ``min_delta`` over the best so far is ``patience`` epochs old."""
+
+    def stop(accuracies: list[float]) -> bool:
+        best, best_at = accuracies[0], 0
+        for epoch, accuracy in enumerate(accuracies):
+            if accuracy >= best + min_delta:
+                best, best_at = accuracy, epoch
+        return len(accuracies) - 1 - best_at >= patience
+
+    return stop
 
 
 def measure_retraining_costs(
@@ -409,7 +434,10 @@ def measure_retraining_costs(
     shifts: Sequence[float],
     shift_fn: Callable[[Tensor, float, torch.Generator], Tensor] = gaussian_noise_shift,
     target_accuracy: float | None = None,
-    max_epochs: int = 30,
+    plateau_fraction: float = 0.95,
+    patience: int = 5,
+    min_delta: float = 0.01,
+    max_epochs: int = 40,
     lr: float = 1e-3,
     batch_size: int = 128,
     layers: Sequence[str] | None = None,
@@ -419,64 +447,83 @@ def measure_retraining_costs(
     """(ARM, retraining cost) pairs, one per shift level: the data for :class:`ARMCostModel`.
 
     For each level: shift the training and test inputs with ``shift_fn(x, level, generator)``; ARM of ``model``
-    between the clean and the shifted test inputs; then retrain a copy of ``model`` (cloned parameters via
-    ``torch.func.functional_call``; the model itself is never updated) on the shifted training set until its
-    accuracy on the shifted test set reaches the target, counting epochs, wall seconds and, when a tracker is
-    available, energy and CO2 (ARM paper's cost protocol). Runs stopped by ``max_epochs`` have ``reached=False``.
+    between the clean and the shifted test inputs; then retrain a copy of ``model`` on the shifted training
+    set and count the epochs until its accuracy on the shifted test set reaches the target (ARM paper's cost
+    protocol: "until a target accuracy, or a plateau"), with wall seconds and, when a tracker is available,
+    energy and CO2.
+
+    Two targets:
+
+    * ``target_accuracy`` given: a fixed accuracy; retraining stops when it is reached (or at ``max_epochs``,
+      then ``reached=False``). A fixed target that a strong shift cannot reach turns the cost into ``max_epochs``.
+    * ``target_accuracy=None`` (default): retraining runs to its plateau (no gain of ``min_delta`` for
+      ``patience`` epochs, or ``max_epochs``) and the target is ``plateau_fraction`` of the best accuracy it
+      attained: the epochs needed to recover most of what retraining can recover on that shift.
 
     Args:
         model: a trained classifier returning logits; left exactly as found (weights, buffers, modes, RNG).
         train, test: ``(x, y)`` tensors of the clean data.
         shifts: shift levels, e.g. Gaussian noise standard deviations.
-        target_accuracy: accuracy to reach on the shifted test set; ``None``: 95% of the clean test accuracy.
-        max_epochs: cap per level (cost: up to ``len(shifts) * max_epochs`` epochs of training).
+        max_epochs: cap per level (cost: up to ``len(shifts) * max_epochs`` training epochs).
         tracker: ``"auto"`` uses CodeCarbon when installed; without a tracker energy/CO2 stay ``None``.
-        seed: seeds the shift draws, the shuffling and any dropout, per level.
+        seed: per level, the training inputs are shifted with a generator seeded ``seed`` (which then shuffles),
+            the test inputs with one seeded ``seed + 1``; dropout is seeded with ``seed``.
     """
     if not shifts:
         raise ValueError("shifts is empty: give at least one shift level")
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+    if max_epochs < 1 or patience < 1:
+        raise ValueError(f"max_epochs and patience must be >= 1, got {max_epochs} and {patience}")
+    if target_accuracy is not None and not 0.0 < target_accuracy <= 1.0:
+        raise ValueError(f"target_accuracy must be in (0, 1] or None, got {target_accuracy}")
+    if not 0.0 < plateau_fraction <= 1.0:
+        raise ValueError(f"plateau_fraction must be in (0, 1], got {plateau_fraction}")
     meter_factory = resolve_energy_meter(tracker)
     device = model_device(model)
     x_train, y_train = (t.to(device) for t in train)
     x_test, y_test = (t.to(device) for t in test)
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    with evaluation_mode(model):
-        clean_accuracy = _accuracy(model, state, x_test, y_test, batch_size)
-    target = 0.95 * clean_accuracy if target_accuracy is None else float(target_accuracy)
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"target_accuracy must be in (0, 1], got {target}")
+    if target_accuracy is None:
+        should_stop = _plateaued(patience, min_delta)
+    else:
+        def should_stop(accuracies: list[float]) -> bool:
+            return accuracies[-1] >= target_accuracy
 
     records = []
     for level in shifts:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         shifted_train = shift_fn(x_train, float(level), generator)
-        shifted_test = shift_fn(x_test, float(level), generator)
+        shifted_test = shift_fn(x_test, float(level), torch.Generator(device=device).manual_seed(seed + 1))
         arm = aggregate_representation_measure(model, x_test, shifted_test, layers=layers, batch_size=batch_size)
-        with evaluation_mode(model):
-            accuracy_before = _accuracy(model, state, shifted_test, y_test, batch_size)
         meter = meter_factory() if meter_factory is not None else None
         modes = [(m, m.training) for m in model.modules()]
         with preserved_rng():
             torch.manual_seed(seed)
             if meter is not None:
                 meter.start()
-            started = time.perf_counter()
             try:
-                epochs, accuracy_after, reached = _retrain_until(
-                    model, (shifted_train, y_train), (shifted_test, y_test), target, max_epochs, lr, batch_size,
-                    generator,
+                curve, seconds = _retraining_curve(
+                    model, (shifted_train, y_train), (shifted_test, y_test), should_stop, max_epochs, lr,
+                    batch_size, generator,
                 )
             finally:
-                seconds = time.perf_counter() - started
                 energy, co2 = meter.stop() if meter is not None else (None, None)
                 for module, mode in modes:
                     module.training = mode
+        target = target_accuracy if target_accuracy is not None else plateau_fraction * max(curve)
+        epochs = next((e for e, acc in enumerate(curve) if acc >= target), len(curve) - 1)
         records.append(
             RetrainingCost(
-                float(level), arm.aggregate, arm.per_layer, accuracy_before, accuracy_after, target, epochs,
-                reached, seconds, energy, co2,
+                shift=float(level),
+                arm=arm.aggregate,
+                arm_per_layer=arm.per_layer,
+                accuracy_before=curve[0],
+                best_accuracy=max(curve),
+                target_accuracy=float(target),
+                epochs=epochs,
+                reached=curve[epochs] >= target,
+                seconds=seconds[epochs],
+                energy_kwh=energy,
+                co2_kg=co2,
+                accuracy_curve=curve,
             )
         )
     return records

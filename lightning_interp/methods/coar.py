@@ -460,11 +460,12 @@ def fit_attributions(
     ridge: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """COAR's fit: attributions ``W [n, N]`` and biases ``b [n]`` minimising ``sum_v (b + W v - f(v))^2``.
+    """COAR's fit: attributions ``W [n, N]`` and biases ``b [n]`` of the per-example linear surrogates.
 
-    Masks are drawn and evaluated chunk by chunk and folded into the normal equations (float64) at once, so
-    memory does not grow with ``n_masks``. ``ridge = 0`` is the paper's plain least squares; with fewer masks
-    than components the minimum-norm solution is returned.
+    Minimises ``mean_v (b + W v - f(v))^2 + ridge * ||W||^2`` over ``n_masks`` masks. Masks are drawn and
+    evaluated chunk by chunk and folded into the normal equations (float64) at once, so memory does not grow
+    with ``n_masks``. ``ridge = 0`` is the paper's plain least squares; with fewer masks than components the
+    minimum-norm solution is returned (a small ridge, e.g. 0.01, predicts better there).
     """
     _check_alpha(alpha)
     if n_masks < 2:
@@ -478,7 +479,7 @@ def fit_attributions(
         design = torch.cat([torch.ones(len(keep), 1), keep.double()], dim=1).to(device)
         gram += design.T @ design
         rhs += design.T @ marg.double()
-    solution = _solve_normal_equations(gram, rhs, ridge)
+    solution = _solve_normal_equations(gram, rhs, ridge * n_masks)
     return solution[1:].T.float().cpu(), solution[0].float().cpu()
 
 
@@ -572,7 +573,7 @@ class COAR:
             forward rows).
         include, layer_types, exclude_head: component selection, see :func:`find_components`.
         max_batch_size: most rows (masks x examples) in one forward pass; larger requests are chunked.
-        ridge: L2 penalty on the attributions (0 = the paper's least squares).
+        ridge: L2 penalty on the attributions, relative to the mean squared error (0 = the paper's least squares).
         seed: seed of the fit's masks (the evaluation draws from ``seed + 1`` unless told otherwise).
 
     Fitted attributes: ``components_`` (:class:`Components`), ``component_names_`` (list of ``N`` names),

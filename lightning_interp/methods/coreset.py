@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,25 @@ def _as_float(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a greedy loop of many small ops on one CPU thread (restored after).
+
+    Each greedy step is a handful of small or memory-bound ops; on a busy CPU every multi-threaded op
+    waits for its sibling threads to be scheduled. Measured on 2 shared cores (docs/coreset.md):
+    k-center 1000 of 10k x 512 took 0.2-0.75 s on one thread and 13-21 s on two.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def kcenter_greedy(features: Tensor, size: int, *, seed: int = 0, block: int = 64, candidates: int = 64) -> Tensor:
     """Greedy k-center (Sener & Savarese 2018, Alg. 1): ``u = argmax_{i not in S} min_{j in S} ||x_i - x_j||``.
 
@@ -95,9 +115,14 @@ def kcenter_greedy(features: Tensor, size: int, *, seed: int = 0, block: int = 6
     instead of one matrix-vector product per center, ~10x faster on CPU). Between two updates only
     the ``candidates`` rows with the largest (stale, hence upper-bound) min-distance are brought up
     to date; the best of them is the true argmax when it is not below the next stale bound,
-    otherwise the queue is flushed first. Cost O(size * N * D) flops, O(N * block) memory.
-    Returns the positions in selection order.
+    otherwise the queue is flushed first. Cost O(size * N * D) flops, O(N * block) memory; on CPU the
+    loop runs on one thread (see :func:`_one_cpu_thread`). Returns the positions in selection order.
     """
+    with _one_cpu_thread(features.device):
+        return _kcenter_loop(features, size, seed, block, candidates)
+
+
+def _kcenter_loop(features: Tensor, size: int, seed: int, block: int, candidates: int) -> Tensor:
     n = features.shape[0]
     x = _as_float(features)
     sq = (x * x).sum(1)
@@ -112,12 +137,15 @@ def kcenter_greedy(features: Tensor, size: int, *, seed: int = 0, block: int = 6
     queued = 0
     m = min(candidates, n - 1)
 
-    def sq_dist_to_queue(rows: Tensor) -> Tensor:
-        return (sq[rows, None] + center_sq[None] - 2.0 * (x[rows] @ centers.T)).min(1).values.clamp_min_(0.0)
+    def sq_dist_to_queue(rows: Tensor | None) -> Tensor:
+        # index_select, not x[rows]: advanced indexing goes multi-threaded and stalls on a busy CPU
+        xr, sqr = (x, sq) if rows is None else (x.index_select(0, rows), sq.index_select(0, rows))
+        # ||x||^2 is constant per row, so it is added after the min over the queued centers
+        return torch.addmm(center_sq, xr, centers.T, alpha=-2.0).amin(1).add_(sqr).clamp_min_(0.0)
 
     def flush() -> None:
         nonlocal queued
-        torch.minimum(min_sq, sq_dist_to_queue(slice(None)), out=min_sq)
+        torch.minimum(min_sq, sq_dist_to_queue(None), out=min_sq)
         centers.copy_(centers[queued - 1].expand_as(centers))
         center_sq.fill_(float(center_sq[queued - 1]))
         queued = 0
@@ -151,8 +179,14 @@ def herding(features: Tensor, size: int) -> Tensor:
     ``x_{t+1} = argmin_{x not in S} || mu - (sum_{s<=t} x_s + x) / (t + 1) ||`` with ``mu`` the mean
     feature: the running mean of the selection tracks the full mean as closely as possible.
     Expanding the norm, the argmin is over ``||x||^2 - 2 x . ((t+1) mu - sum_{s<=t} x_s)``: one
-    matrix-vector product per pick, O(size * N * D) flops. Returns positions in selection order.
+    matrix-vector product per pick, O(size * N * D) flops (memory-bound: one pass over the features per
+    pick; on CPU on one thread, which is as fast as two). Returns positions in selection order.
     """
+    with _one_cpu_thread(features.device):
+        return _herding_loop(features, size)
+
+
+def _herding_loop(features: Tensor, size: int) -> Tensor:
     x = _as_float(features)
     mu = x.mean(0)
     sq = (x * x).sum(1)
@@ -358,7 +392,32 @@ def top_k_jaccard(a: Tensor, b: Tensor, k: int) -> float:
     return float((in_a & in_b).sum()) / float((in_a | in_b).sum())
 
 
-def fidelity(full_scores: Tensor, subset_scores: Tensor, top_k: int | None = None) -> dict[str, float]:
+def _fidelity_one(a: Tensor, b: Tensor, top_k: int | None, what: str) -> dict[str, float]:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError(f"fidelity expects torch.Tensor scores{what}, got {type(a).__name__} and {type(b).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"score shapes differ{what}: full {tuple(a.shape)} vs subset {tuple(b.shape)};"
+            " both must score the same units in the same order"
+        )
+    a = a.detach().reshape(-1).double()
+    b = b.detach().reshape(-1).double().to(a.device)
+    n = a.shape[0]
+    if n < 2:
+        raise ValueError(f"fidelity needs at least 2 scores to rank{what}, got {n}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError(f"scores contain NaN or inf{what}; fidelity is only defined on finite scores")
+    k = max(1, math.ceil(0.1 * n)) if top_k is None else top_k
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+        raise ValueError(f"top_k={top_k!r} must be an int in [1, {n}] (the number of scores{what})")
+    return {"spearman": spearman(a, b), "jaccard_top_k": top_k_jaccard(a, b, int(k)), "top_k": int(k)}
+
+
+def fidelity(
+    full_scores: Tensor | Mapping[str, Tensor],
+    subset_scores: Tensor | Mapping[str, Tensor],
+    top_k: int | None = None,
+) -> dict[str, float]:
     """How closely an interpretation computed on a coreset matches the one computed on the full set.
 
     Both are score tensors of the same shape (per unit, per component, per layer ...), flattened.
@@ -366,25 +425,26 @@ def fidelity(full_scores: Tensor, subset_scores: Tensor, top_k: int | None = Non
     average ranks for ties, and the Jaccard overlap of the ``k`` highest-scoring entries. The default
     ``k`` is 10% of the entries (at least 1). Larger scores count as "top": negate scores where
     smaller means more important.
+
+    Per-layer results (``{layer: Tensor}``, same keys on both sides) are compared layer by layer and
+    the two numbers averaged over layers (``top_k`` is then the summed k): concatenating layers of
+    different scales would let the between-layer differences inflate the rank correlation.
     """
-    if not isinstance(full_scores, Tensor) or not isinstance(subset_scores, Tensor):
-        raise TypeError("fidelity expects two torch.Tensor score vectors")
-    if full_scores.shape != subset_scores.shape:
-        raise ValueError(
-            f"score shapes differ: full {tuple(full_scores.shape)} vs subset {tuple(subset_scores.shape)};"
-            " both must score the same units in the same order"
-        )
-    a = full_scores.detach().reshape(-1).double()
-    b = subset_scores.detach().reshape(-1).double().to(a.device)
-    n = a.shape[0]
-    if n < 2:
-        raise ValueError(f"fidelity needs at least 2 scores to rank, got {n}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ValueError("scores contain NaN or inf; fidelity is only defined on finite scores")
-    k = max(1, math.ceil(0.1 * n)) if top_k is None else top_k
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
-        raise ValueError(f"top_k={top_k!r} must be an int in [1, {n}] (the number of scores)")
-    return {"spearman": spearman(a, b), "jaccard_top_k": top_k_jaccard(a, b, int(k)), "top_k": int(k)}
+    if isinstance(full_scores, Mapping) or isinstance(subset_scores, Mapping):
+        if not (isinstance(full_scores, Mapping) and isinstance(subset_scores, Mapping)):
+            raise TypeError("pass two tensors or two {name: tensor} mappings, not one of each")
+        if set(full_scores) != set(subset_scores) or not full_scores:
+            raise ValueError(
+                f"the mappings must hold the same non-empty keys: full has {sorted(full_scores)},"
+                f" subset has {sorted(subset_scores)}"
+            )
+        each = [_fidelity_one(full_scores[k], subset_scores[k], top_k, f" for {k!r}") for k in full_scores]
+        return {
+            "spearman": sum(f["spearman"] for f in each) / len(each),
+            "jaccard_top_k": sum(f["jaccard_top_k"] for f in each) / len(each),
+            "top_k": sum(f["top_k"] for f in each),
+        }
+    return _fidelity_one(full_scores, subset_scores, top_k, "")
 
 
 # ------------------------------------------------------------------------------------------ adaptive
@@ -410,7 +470,7 @@ class AdaptiveResult:
 
 
 def adaptive_coreset(
-    score_fn: Callable[[Tensor], Tensor],
+    score_fn: Callable[[Tensor], Tensor | Mapping[str, Tensor]],
     n_total: int,
     selector: str,
     *,
@@ -428,8 +488,8 @@ def adaptive_coreset(
 ) -> AdaptiveResult:
     """Smallest coreset (on a geometric grid) whose interpretation matches a reference.
 
-    ``score_fn(positions)`` computes the interpretation result (a score tensor) on the rows at
-    ``positions``. The reference is computed once, on all rows (``reference_fraction=1.0``) or on a
+    ``score_fn(positions)`` computes the interpretation result (a score tensor, or ``{layer: scores}``
+    compared layer by layer, see :func:`fidelity`) on the rows at ``positions``. The reference is computed once, on all rows (``reference_fraction=1.0``) or on a
     seeded uniform sample of ``reference_fraction`` of them. Starting at ``start_fraction`` of
     ``n_total``, the coreset grows by ``growth`` until ``fidelity(reference, scores)["spearman"] >=
     target`` or it holds every row; a warning says when the target was never reached. Cost: one

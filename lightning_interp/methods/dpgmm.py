@@ -17,10 +17,12 @@ Two readings of one layer:
 * per spatial position (:func:`fit_label_maps` on ``[B, C, H, W]`` maps): every position's channel
   vector is one sample; the cluster ids reshaped to ``H x W`` are the paper's label maps.
 
-Preprocessing (the paper rescales activations; the exact scaling is not stated): every feature is
-standardised to zero mean and unit variance (constant features become 0), then, when more than
-``max_dims`` features remain, projected on the leading ``max_dims`` principal axes (a torch SVD, on the
-tensor's device). Scores are not whitened, so minor axes do not amplify noise. The mixture itself runs
+Preprocessing (the paper rescales activations; the exact scaling is not stated): constant features are
+dropped, the rest centred and divided by one global scale (``scale="global"``: relative unit magnitudes
+kept, so the PCA below is a covariance PCA) or each by its own standard deviation (``scale="unit"``: a
+correlation PCA, where a noise unit weighs as much as an informative one). Then, when more than
+``max_dims`` features remain, they are projected on the leading ``max_dims`` principal axes (a torch SVD,
+on the tensor's device). Scores are not whitened, so minor axes do not amplify noise. The mixture itself runs
 in scikit-learn on CPU, float64, seeded by ``seed`` only (torch's and numpy's global RNGs are untouched).
 """
 
@@ -40,7 +42,7 @@ __all__ = [
     "ClusterFit",
     "DEFAULT_WEIGHT_CUTOFF",
     "INIT_METHODS",
-    "standardize",
+    "rescale",
     "pca_reduce",
     "fit_dpgmm",
     "spatial_samples",
@@ -68,7 +70,7 @@ class ClusterFit:
         ari: adjusted Rand index of ``labels`` with the given classes (``None`` without classes).
         n_components: truncation actually used (shrunk when there are fewer rows than ``truncation``).
         n_dims: dimensions the mixture saw (after PCA).
-        explained_variance: share of the standardised variance kept by the PCA (1.0 without PCA).
+        explained_variance: share of the rescaled variance kept by the PCA (1.0 without PCA).
         converged: whether variational inference converged within ``max_iter``.
         n_iter: iterations of the best initialisation.
         constant: the activations had no variance; one cluster is returned without fitting.
@@ -87,28 +89,47 @@ class ClusterFit:
     constant: bool = False
 
 
-def standardize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Each column to zero mean and unit variance; columns without variance become 0."""
+SCALES = ("global", "unit")
+
+
+def rescale(x: torch.Tensor, scale: str = "global") -> torch.Tensor:
+    """Centred columns of ``x [N, D]`` that vary, divided by one RMS (``"global"``) or each by its std (``"unit"``).
+
+    Columns without variance (relative to their magnitude) are dropped; the result may have 0 columns.
+    """
     centred = x - x.mean(dim=0, keepdim=True)
-    std = centred.pow(2).mean(dim=0, keepdim=True).sqrt()
-    scale = x.abs().amax(dim=0, keepdim=True).clamp_min(1.0)
-    varying = std > 1e-6 * scale + eps
-    return torch.where(varying, centred / std.clamp_min(eps), torch.zeros_like(centred))
+    std = centred.pow(2).mean(dim=0).sqrt()
+    varying = std > 1e-6 * x.abs().amax(dim=0).clamp_min(1.0)
+    centred, std = centred[:, varying], std[varying]
+    if centred.shape[1] == 0:
+        return centred
+    if scale == "unit":
+        return centred / std
+    return centred / std.pow(2).mean().sqrt()
 
 
 def pca_reduce(x: torch.Tensor, max_dims: int) -> tuple[torch.Tensor, float]:
     """Scores of centred ``x [N, D]`` on its leading ``max_dims`` principal axes, and the variance share kept.
 
-    Returns ``x`` centred and unchanged in width when ``D <= max_dims``.
+    The axes are the top eigenvectors of the ``D x D`` covariance (``torch.linalg.eigh`` in float64; for
+    ``D > 512`` a randomised ``torch.svd_lowrank``), cheaper than an SVD of the data. Axes without variance
+    (beyond the data's rank) are dropped. Returns ``x`` centred and unchanged in width when ``D <= max_dims``.
     """
     centred = x - x.mean(dim=0, keepdim=True)
     if centred.shape[1] <= max_dims:
         return centred, 1.0
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    k = min(max_dims, vh.shape[0])
-    energy = singular.pow(2)
-    kept = float(energy[:k].sum() / energy.sum().clamp_min(1e-30))
-    return centred @ vh[:k].T, kept
+    total = centred.double().pow(2).sum()
+    if centred.shape[1] > 512:
+        _, singular, v = torch.svd_lowrank(centred, q=min(max_dims + 8, *centred.shape), niter=3)
+        variances, axes = singular.double().pow(2), v
+    else:
+        covariance = centred.T.double() @ centred.double()
+        variances, axes = torch.linalg.eigh(covariance)
+        variances, axes = variances.flip(0), axes.flip(1).to(centred.dtype)
+    rank = int((variances > 1e-12 * variances[0]).sum())
+    k = max(1, min(max_dims, rank))
+    kept = float(variances[:k].sum() / total.clamp_min(1e-300))
+    return centred @ axes[:, :k], min(kept, 1.0)
 
 
 def cluster_agreement(clusters: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
@@ -141,7 +162,8 @@ INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 MIN_ROWS_PER_COMPONENT = 4
 
 
-def _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init):
+def _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init,
+              scale):
     if truncation < 1:
         raise ValueError(f"truncation must be >= 1, got {truncation}")
     if not concentration > 0:
@@ -154,6 +176,8 @@ def _validate(truncation, concentration, max_dims, weight_cutoff, covariance_typ
         raise ValueError(f"covariance_type must be 'diag', 'spherical', 'full' or 'tied', got {covariance_type!r}")
     if init_params not in INIT_METHODS:
         raise ValueError(f"init_params must be one of {list(INIT_METHODS)}, got {init_params!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
     if max_iter < 1 or n_init < 1:
         raise ValueError(f"max_iter and n_init must be >= 1, got {max_iter} and {n_init}")
 
@@ -165,7 +189,8 @@ def fit_dpgmm(
     truncation: int = 50,
     concentration: float = 1.0,
     covariance_type: str = "diag",
-    max_dims: int = 16,
+    scale: str = "global",
+    max_dims: int = 8,
     weight_cutoff: float = DEFAULT_WEIGHT_CUTOFF,
     max_iter: int = 200,
     init_params: str = "kmeans",
@@ -179,12 +204,13 @@ def fit_dpgmm(
         x: activations, one row per sample; any float dtype and device. Rows with NaN/inf are skipped
             with one warning.
         classes: ``[N]`` integer class labels; when given, NMI and ARI of the clusters are returned.
-        truncation: components of the truncated stick-breaking posterior (paper: 50). Shrunk, with a
-            warning, to ``N // 4`` when there are fewer than 4 rows per component: with fewer, the
-            variational fit keeps many tiny clusters even on a single Gaussian blob.
+        truncation: components of the truncated stick-breaking posterior (paper: 50). Capped at
+            ``N // 4`` (recorded in ``n_components``; a warning when ``N < truncation``): with fewer than
+            ~4 rows per component the variational fit keeps many tiny clusters even on one Gaussian blob.
         concentration: DP concentration alpha (paper: 1); larger values favour more clusters.
         covariance_type: per-component covariance (paper: ``"diag"``).
-        max_dims: PCA width after standardisation; cost of one EM step is O(N * truncation * max_dims).
+        scale: ``"global"`` or ``"unit"`` feature scaling before the PCA (see the module docstring).
+        max_dims: PCA width after rescaling; cost of one EM step is O(N * truncation * max_dims).
         weight_cutoff: a component counts in ``n_clusters`` when its expected weight is at least this
             and at least one row is assigned to it (empty components keep ~1/(N+2) of the stick).
         max_iter: variational EM iterations per initialisation.
@@ -199,7 +225,8 @@ def fit_dpgmm(
     Returns:
         A :class:`ClusterFit`; tensors on CPU.
     """
-    _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init)
+    _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init,
+              scale)
     if x.dim() != 2:
         raise ValueError(f"expected activations [N, D], got shape {tuple(x.shape)}; use spatial_samples for maps")
     if classes is not None and len(classes) != len(x):
@@ -209,18 +236,17 @@ def fit_dpgmm(
     rows = x[finite]
     labels = torch.full((len(x),), -1, dtype=torch.long)
 
-    scaled = standardize(rows)
-    if len(rows) < 2 or not bool(scaled.abs().amax() > 0):
+    scaled = rescale(rows, scale)
+    if len(rows) < 2 or scaled.shape[1] == 0:
         labels[finite.cpu()] = 0
         return _finish(labels, torch.ones(1), classes, n_components=1, n_dims=0, kept=1.0,
                        converged=True, n_iter=0, weight_cutoff=weight_cutoff, constant=True)
 
-    n_components = truncation
-    if len(rows) < MIN_ROWS_PER_COMPONENT * truncation:
-        n_components = max(1, len(rows) // MIN_ROWS_PER_COMPONENT)
+    n_components = min(truncation, max(1, len(rows) // MIN_ROWS_PER_COMPONENT))
+    if len(rows) < truncation:
         warnings.warn(
-            f"{len(rows)} samples are fewer than {MIN_ROWS_PER_COMPONENT} per component for truncation={truncation}; "
-            f"truncation shrunk to {n_components}",
+            f"{len(rows)} samples are fewer than truncation={truncation} components; truncation shrunk to "
+            f"{n_components} ({MIN_ROWS_PER_COMPONENT} samples per component)",
             RuntimeWarning,
             stacklevel=2,
         )

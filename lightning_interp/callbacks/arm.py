@@ -1,0 +1,321 @@
+"""``ARMDrift``: how far each layer's representation moves during training, and how far shifted data sits.
+
+Per scheduled epoch, ARM (Sangarya, Bradford, Kim 2024; :mod:`lightning_interp.methods.arm`) between the
+probe set's activations now and at a reference epoch, per layer and aggregated; optionally ARM between the
+probe and a second dataset of shifted / incoming data under the current model (data drift).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..methods.arm import ARMResult, arm_from_activations, sort_samples
+from ..probe import ProbeData
+from ..report import markdown_table
+from .base import InterpretationCallback
+
+Reference = Union[Literal["previous", "first"], int]
+
+
+class ARMDrift(InterpretationCallback):
+    """Representation drift per epoch with the Aggregate Representation Measure (ARM).
+
+    ``ARM_l = mean_u W1(a_{l,u}(now), a_{l,u}(reference))`` over the units of layer ``l`` (conv maps averaged
+    over space, output head excluded), ``ARM = mean_l ARM_l``; ``W1`` is the exact 1-D Wasserstein distance
+    between the unit's activation samples on the probe set.
+
+    Args:
+        reference: what "now" is compared with: ``"previous"`` (the last analysed epoch: epoch-to-epoch drift),
+            ``"first"`` (the first analysed epoch) or an epoch number (0-based, must be on the schedule).
+        shift_data: a Dataset (or DataLoader, whose dataset is used) of shifted / incoming inputs; each time,
+            ARM between the probe and it under the current model is logged under ``arm/shift/``.
+        threshold: alert when the aggregate ARM exceeds it (``None``: off).
+        layer_threshold: alert when a layer's ARM exceeds it (``None``: off).
+        shift_threshold: alert when the data-shift ARM exceeds it (``None``: off).
+        jump_factor: alert when the aggregate ARM exceeds ``jump_factor`` times the median of the last
+            ``median_window`` values (needs 3 of them; ``None``: off).
+        median_window: how many past values the running median spans.
+        settle_tolerance: a layer has settled when its ARM, relative to its activation spread (the mean
+            per-unit standard deviation on the reference), stays below this for ``settle_epochs`` analyses.
+        settle_epochs: see ``settle_tolerance``.
+        plot_every_n_epochs: also log the layers x epochs heat map every n analysed epochs (``None``: only
+            at the end of training; rendering costs ~0.1-0.3 s).
+        keep_reference_in_checkpoint: store the reference activations in ``state_dict`` (probe size x units
+            floats per layer) so a resumed run continues drift against the same reference.
+        **kwargs: the base options (``every_n_epochs``, ``probe``, ``probe_size``, ``layers``, ``alert_action``,
+            ``strict``, ...), see :class:`~lightning_interp.callbacks.base.InterpretationCallback`.
+
+    Attributes:
+        history_: one record per analysed epoch with a reference: ``epoch``, ``reference_epoch``,
+            ``aggregate``, ``per_layer`` (``{layer: ARM_l}``), ``relative`` (``ARM_l`` / spread) and, with
+            ``shift_data``, ``shift_aggregate`` and ``shift_per_layer``.
+        settled_layers_: layers whose drift has stayed below ``settle_tolerance`` — candidates to freeze.
+        reference_epoch_: the epoch the current reference activations come from (``None`` before any).
+    """
+
+    tag = "arm"
+
+    def __init__(
+        self,
+        reference: Reference = "previous",
+        shift_data: Union[Dataset, DataLoader, None] = None,
+        threshold: float | None = None,
+        layer_threshold: float | None = None,
+        shift_threshold: float | None = None,
+        jump_factor: float | None = 3.0,
+        median_window: int = 5,
+        settle_tolerance: float = 0.02,
+        settle_epochs: int = 3,
+        plot_every_n_epochs: int | None = None,
+        keep_reference_in_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(reference, bool) or not (reference in ("previous", "first") or isinstance(reference, int)):
+            raise ValueError(f"reference must be 'previous', 'first' or an epoch number, got {reference!r}")
+        if isinstance(reference, int):
+            if reference < 0:
+                raise ValueError(f"reference epoch must be >= 0, got {reference}")
+            if self.every_n_epochs and (reference + 1) % self.every_n_epochs:
+                raise ValueError(
+                    f"reference={reference} is not an analysed epoch with every_n_epochs={self.every_n_epochs} "
+                    f"(analysed: epochs {self.every_n_epochs - 1}, {2 * self.every_n_epochs - 1}, ...)"
+                )
+        for name, value in (("threshold", threshold), ("layer_threshold", layer_threshold),
+                            ("shift_threshold", shift_threshold)):
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
+        if jump_factor is not None and not jump_factor > 1:
+            raise ValueError(f"jump_factor must be > 1 or None, got {jump_factor!r}")
+        if median_window < 1 or settle_epochs < 1:
+            raise ValueError(f"median_window and settle_epochs must be >= 1, got {median_window}, {settle_epochs}")
+        if not settle_tolerance >= 0:
+            raise ValueError(f"settle_tolerance must be >= 0, got {settle_tolerance!r}")
+        if plot_every_n_epochs is not None and plot_every_n_epochs < 1:
+            raise ValueError(f"plot_every_n_epochs must be >= 1 or None, got {plot_every_n_epochs}")
+        if shift_data is not None and not isinstance(shift_data, (Dataset, DataLoader)):
+            raise TypeError(f"shift_data must be a Dataset, a DataLoader or None, got {type(shift_data).__name__}")
+        self.reference = reference
+        self.shift_data = shift_data
+        self.threshold = threshold
+        self.layer_threshold = layer_threshold
+        self.shift_threshold = shift_threshold
+        self.jump_factor = jump_factor
+        self.median_window = median_window
+        self.settle_tolerance = settle_tolerance
+        self.settle_epochs = settle_epochs
+        self.plot_every_n_epochs = plot_every_n_epochs
+        self.keep_reference_in_checkpoint = keep_reference_in_checkpoint
+
+        self.history_: list[dict[str, Any]] = []
+        self.settled_layers_: list[str] = []
+        self.reference_epoch_: int | None = None
+        self._reference: dict[str, Tensor] | None = None  # sorted [n, units] per layer
+        self._streaks: dict[str, int] = {}
+        self._checked_shapes = False
+
+    @property
+    def state_key(self) -> str:
+        probe = self.probe if isinstance(self.probe, str) else type(self.probe).__name__
+        shift = None if self.shift_data is None else type(self.shift_data).__name__
+        return self._generate_state_key(
+            tag=self.tag, probe=probe, layers=self.layers, reference=self.reference, shift_data=shift
+        )
+
+    # -- the analysis ---------------------------------------------------------------------------------------
+    def compute(self, trainer, pl_module, probe: ProbeData) -> None:
+        epoch = trainer.current_epoch
+        layers = self.select_layers(pl_module)
+        outs = self.forward_probe(trainer, pl_module, probe, layers)
+        current = {name: sort_samples(act) for name, act in outs.activations.items()}
+        shift = self._shift_arm(trainer, pl_module, probe, layers, current) if self.shift_data is not None else None
+
+        if self._reference is None:
+            self._take_reference_if_due(epoch, current)
+            if shift is not None:
+                self._log_shift(trainer, shift, record=None)
+            return
+        result = arm_from_activations(self._reference, current, warn_skipped=False, assume_sorted=True)
+        self._warn_skipped(result, "the probe")
+        spread = {name: _spread(self._reference[name]) for name in result.per_layer}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "reference_epoch": self.reference_epoch_,
+            "aggregate": result.aggregate,
+            "per_layer": dict(result.per_layer),
+            "relative": {n: v / spread[n] if spread[n] > 0 else float("inf") for n, v in result.per_layer.items()},
+        }
+        if shift is not None:
+            self._log_shift(trainer, shift, record)
+        self._check_alerts(trainer, record)
+        self.history_.append(record)
+        self._update_settled(trainer, record)
+        self._log(record, result)
+        if self.reference == "previous":
+            self._reference, self.reference_epoch_ = current, epoch
+        if self.plot_every_n_epochs and len(self.history_) % self.plot_every_n_epochs == 0:
+            self._log_heatmap()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        max_epochs = trainer.max_epochs
+        if isinstance(self.reference, int) and max_epochs is not None and 0 <= max_epochs <= self.reference:
+            self.warn_once(
+                "reference:unreachable",
+                f"ARMDrift: reference epoch {self.reference} will never be reached (max_epochs={max_epochs}, epochs "
+                f"are counted from 0); no drift will be reported. Use reference='first' or an epoch < {max_epochs}",
+            )
+
+    def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor]) -> None:
+        target = self.reference
+        if isinstance(target, int) and epoch < target:
+            return  # drift is reported from the first analysis after the reference epoch
+        if isinstance(target, int) and epoch > target:
+            self.warn_once(
+                "reference:missed",
+                f"ARMDrift: reference epoch {target} has passed (current epoch {epoch}) but its activations were "
+                "never recorded (resumed from a checkpoint without ARMDrift state?); no drift can be reported",
+            )
+            return
+        self._reference, self.reference_epoch_ = current, epoch
+
+    def _shift_arm(self, trainer, pl_module, probe, layers, current) -> ARMResult:
+        dataset = self.shift_data.dataset if isinstance(self.shift_data, DataLoader) else self.shift_data
+        shift_probe = ProbeData(dataset, batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
+        if not self._checked_shapes:
+            probe_shape = _input_shape(probe)
+            shift_shape = _input_shape(shift_probe)
+            if probe_shape != shift_shape:
+                raise ValueError(
+                    f"shift_data inputs have shape {shift_shape} but the probe's inputs have shape {probe_shape}"
+                )
+            self._checked_shapes = True
+        outs = self.forward_probe(trainer, pl_module, shift_probe, layers)
+        shifted = {name: sort_samples(act) for name, act in outs.activations.items()}
+        result = arm_from_activations(current, shifted, warn_skipped=False, assume_sorted=True)
+        self._warn_skipped(result, "shift_data")
+        return result
+
+    # -- alerts and settled layers ------------------------------------------------------------------------
+    def _check_alerts(self, trainer, record: dict[str, Any]) -> None:
+        value = record["aggregate"]
+        if self.threshold is not None and value > self.threshold:
+            self.alert(trainer, "arm/aggregate", value, self.threshold,
+                       f"representations moved by ARM {value:.4g} since epoch {record['reference_epoch']}")
+        if self.jump_factor is not None:
+            past = [r["aggregate"] for r in self.history_[-self.median_window:]]
+            if len(past) >= 3:
+                limit = self.jump_factor * statistics.median(past)
+                if value > limit:
+                    self.alert(trainer, "arm/aggregate", value, limit,
+                               f"ARM jumped above {self.jump_factor:g}x its running median of the last "
+                               f"{len(past)} analyses")
+        if self.layer_threshold is not None:
+            for name, layer_value in record["per_layer"].items():
+                if layer_value > self.layer_threshold:
+                    self.alert(trainer, f"arm/layer/{name}", layer_value, self.layer_threshold,
+                               f"layer {name} moved by ARM {layer_value:.4g} since epoch {record['reference_epoch']}")
+
+    def _update_settled(self, trainer, record: dict[str, Any]) -> None:
+        for name, relative in record["relative"].items():
+            self._streaks[name] = self._streaks.get(name, 0) + 1 if relative < self.settle_tolerance else 0
+        settled = [name for name in record["relative"] if self._streaks[name] >= self.settle_epochs]
+        if settled != self.settled_layers_:
+            self.reporter.log_text(
+                f"{self.tag}/settled_layers",
+                f"Epoch {record['epoch']}: settled (freeze candidates): "
+                + (", ".join(f"`{n}`" for n in settled) or "none"),
+            )
+        self.settled_layers_ = settled
+
+    def _warn_skipped(self, result: ARMResult, where: str) -> None:
+        for name in result.skipped:
+            self.warn_once(f"nonfinite:{where}:{name}",
+                           f"ARMDrift skips layer {name!r}: its activations on {where} contain NaN or inf")
+
+    # -- reporting -----------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any], result: ARMResult) -> None:
+        scalars = {f"{self.tag}/aggregate": record["aggregate"], f"{self.tag}/settled_layers": len(self.settled_layers_)}
+        scalars.update({f"{self.tag}/layer/{n}": v for n, v in record["per_layer"].items()})
+        self.reporter.log_scalars(scalars)
+
+    def _log_shift(self, trainer, shift: ARMResult, record: dict[str, Any] | None) -> None:
+        scalars = {f"{self.tag}/shift/aggregate": shift.aggregate}
+        scalars.update({f"{self.tag}/shift/layer/{n}": v for n, v in shift.per_layer.items()})
+        self.reporter.log_scalars(scalars)
+        if record is not None:
+            record["shift_aggregate"] = shift.aggregate
+            record["shift_per_layer"] = dict(shift.per_layer)
+        if self.shift_threshold is not None and shift.aggregate > self.shift_threshold:
+            self.alert(trainer, f"{self.tag}/shift/aggregate", shift.aggregate, self.shift_threshold,
+                       "shift_data's representations are far from the probe's (data drift)")
+
+    def _log_heatmap(self) -> None:
+        if not self.history_ or not self.reporter.active:
+            return
+        from ..plots import heatmap
+
+        layers = list(dict.fromkeys(n for r in self.history_ for n in r["per_layer"]))
+        matrix = torch.tensor(
+            [[r["per_layer"].get(n, float("nan")) for r in self.history_] for n in layers], dtype=torch.float32
+        )
+        image = heatmap(matrix, layers, [str(r["epoch"]) for r in self.history_],
+                        title=f"ARM per layer vs {self.reference} reference", value_label="ARM_l")
+        self.reporter.log_image(f"{self.tag}/per_layer", image)
+        self.reporter.log_text(
+            f"{self.tag}/summary",
+            markdown_table(["layer", "last ARM_l", "relative", "settled"],
+                           [[n, self.history_[-1]["per_layer"].get(n, float("nan")),
+                             self.history_[-1]["relative"].get(n, float("nan")), n in self.settled_layers_]
+                            for n in layers]),
+        )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        try:
+            self._log_heatmap()
+        except Exception as err:  # a failing plot must not fail the end of training
+            if self.strict:
+                raise
+            self.warn_once(f"plot:{type(err).__name__}", f"ARMDrift could not draw its heat map: {err}")
+
+    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> Tensor:
+        """Per-unit mean and standard deviation of the activations: what the coreset must preserve for W1."""
+        outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
+        return torch.cat([torch.cat([a.mean(0), a.std(0)]) for a in outs.activations.values()])
+
+    # -- checkpoint state ----------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "history": [dict(r) for r in self.history_],
+            "settled_layers": list(self.settled_layers_),
+            "streaks": dict(self._streaks),
+            "reference_epoch": self.reference_epoch_,
+        }
+        if self.keep_reference_in_checkpoint and self._reference is not None:
+            state["reference_activations"] = {n: t.contiguous().clone() for n, t in self._reference.items()}
+        return state
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.history_ = [dict(r) for r in state.get("history", [])]
+        self.settled_layers_ = list(state.get("settled_layers", []))
+        self._streaks = dict(state.get("streaks", {}))
+        self.reference_epoch_ = state.get("reference_epoch")
+        reference = state.get("reference_activations")
+        self._reference = dict(reference) if reference is not None else None
+        if self._reference is None:
+            self.reference_epoch_ = None
+
+
+def _spread(sorted_acts: Tensor) -> float:
+    """Mean per-unit standard deviation: the scale against which a layer's ARM is judged settled."""
+    return float(sorted_acts.double().std(dim=0, unbiased=False).mean()) if len(sorted_acts) > 1 else 0.0
+
+
+def _input_shape(probe: ProbeData) -> tuple[int, ...]:
+    x, _, _ = next(probe.batches())
+    return tuple(x.shape[1:])

@@ -1,0 +1,322 @@
+"""``LayerClusters``: how many groups each layer separates, and whether they are the classes.
+
+Malmgren-Hansen, Nielsen, Engholm (arXiv 1702.07189): a variational Dirichlet-process GMM on a layer's
+activations finds the number of groups the layer uses without being told. Shallow layers group by generic
+texture and stroke; deep layers by class. Fitted during training, the counts and their agreement with the
+labels show which layers have become class-specific (retrain them) and which stay generic (freeze them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..methods.dpgmm import INIT_METHODS, SCALES, ClusterFit, colorize_labels, fit_dpgmm, fit_label_maps
+from ..plots import looks_like_images
+from ..probe import ProbeData, ProbeOutputs, run_probe
+from ..report import markdown_table
+from .base import InterpretationCallback
+
+#: NMI with the classes below which a layer reads as "generic", and above which as "class-specific".
+GENERIC_BELOW, SPECIFIC_ABOVE = 0.3, 0.6
+
+
+class LayerClusters(InterpretationCallback):
+    """Dirichlet-process GMM clusters of layer activations, logged to TensorBoard during training.
+
+    Every ``every_n_epochs`` epochs, for every chosen layer, on ``probe_size`` probe samples:
+
+    * a DP-GMM on the per-sample activations (conv maps averaged over space) gives the number of clusters
+      the layer uses and, with class labels, their NMI and ARI with the classes;
+    * for conv layers, a DP-GMM on the channel vector at every spatial position of the first
+      ``label_map_fit_images`` probe images gives the paper's label maps, shown for ``label_map_images``
+      images next to the input;
+    * the pooled activations go to TensorBoard's projector with ``cluster``, ``label``, ``prediction`` and
+      ``index`` columns (and input thumbnails when the inputs are images).
+
+    Args:
+        every_n_epochs: run at the end of every n-th training epoch.
+        probe: ``"val"``, ``"train"`` or a ``Dataset``.
+        probe_size: samples analysed (a coreset of the probe, see ``probe_selector``); ``None`` = all.
+        truncation: DP truncation (paper: 50 components); capped at a quarter of the rows.
+        concentration: DP concentration alpha (paper: 1).
+        covariance_type: ``"diag"`` (paper), ``"spherical"``, ``"tied"`` or ``"full"``.
+        scale: ``"global"`` (one scale for the layer) or ``"unit"`` (each unit standardised) before the PCA.
+        max_dims: PCA width before the fit (wider layers are reduced).
+        weight_cutoff: a component counts as a cluster when its weight is at least this (and it owns a sample).
+        max_iter: variational EM iterations.
+        n_init: initialisations per fit (best evidence lower bound kept).
+        init_params: scikit-learn initialisation, ``"kmeans"`` by default.
+        label_map_images: label maps shown per conv layer (0 disables the label maps).
+        label_map_fit_images: images whose positions are pooled into one per-position fit.
+        max_label_map_positions: positions the per-position fit sees at most (all are then assigned).
+        embeddings: write the projector embedding of every layer's pooled activations.
+        max_change: alert when the cluster count of a layer changes by more than this fraction between two
+            runs (and by at least 2 clusters); ``None`` disables it.
+        collapse_alert: alert when a layer uses a single cluster.
+        **kwargs: the base's arguments (``layers``, ``probe_selector``, ``alert_action``, ``strict``, ``seed``,
+            ...), see :class:`~lightning_interp.callbacks.base.InterpretationCallback`.
+
+    Attributes:
+        results_: per layer name, the last run's ``{"n_clusters", "weights", "nmi", "ari", "labels",
+            "position_clusters", "epoch"}`` (``nmi``/``ari`` ``None`` without labels; ``position_clusters``
+            ``None`` for non-conv layers).
+        history_: one row per run and layer: ``{"epoch", "layer", "n_clusters", "nmi", "ari",
+            "position_clusters"}``.
+    """
+
+    tag = "clusters"
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int = 5,
+        probe: Any = "train",
+        probe_size: Union[int, float, None] = 512,
+        truncation: int = 50,
+        concentration: float = 1.0,
+        covariance_type: str = "diag",
+        scale: str = "global",
+        max_dims: int = 8,
+        weight_cutoff: float = 0.01,
+        max_iter: int = 200,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        label_map_images: int = 4,
+        label_map_fit_images: int = 16,
+        max_label_map_positions: int = 1024,
+        embeddings: bool = True,
+        max_change: float | None = 0.5,
+        collapse_alert: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, probe=probe, probe_size=probe_size, **kwargs)
+        if not isinstance(truncation, int) or truncation < 1:
+            raise ValueError(f"truncation must be an int >= 1, got {truncation!r}")
+        if not concentration > 0:
+            raise ValueError(f"concentration must be > 0, got {concentration!r}")
+        if covariance_type not in ("diag", "spherical", "tied", "full"):
+            raise ValueError(f"covariance_type must be 'diag', 'spherical', 'tied' or 'full', got {covariance_type!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
+        if init_params not in INIT_METHODS:
+            raise ValueError(f"init_params must be one of {list(INIT_METHODS)}, got {init_params!r}")
+        for name, value in [("max_dims", max_dims), ("max_iter", max_iter), ("n_init", n_init),
+                            ("label_map_fit_images", label_map_fit_images),
+                            ("max_label_map_positions", max_label_map_positions)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(label_map_images, int) or label_map_images < 0:
+            raise ValueError(f"label_map_images must be an int >= 0, got {label_map_images!r}")
+        if not 0 <= weight_cutoff < 1:
+            raise ValueError(f"weight_cutoff must be in [0, 1), got {weight_cutoff!r}")
+        if max_change is not None and not max_change > 0:
+            raise ValueError(f"max_change must be > 0 or None, got {max_change!r}")
+        self.fit_options = dict(
+            truncation=truncation, concentration=concentration, covariance_type=covariance_type, scale=scale,
+            max_dims=max_dims, weight_cutoff=weight_cutoff, max_iter=max_iter, n_init=n_init,
+            init_params=init_params, seed=self.seed,
+        )
+        self.label_map_images = label_map_images
+        self.label_map_fit_images = max(label_map_fit_images, label_map_images)
+        self.max_label_map_positions = max_label_map_positions
+        self.embeddings = embeddings
+        self.max_change = max_change
+        self.collapse_alert = collapse_alert
+        self.results_: dict[str, dict[str, Any]] = {}
+        self.history_: list[dict[str, Any]] = []
+
+    # -- one run -------------------------------------------------------------------------------------------
+    def compute(self, trainer, pl_module, probe: ProbeData) -> None:
+        layers = self.select_layers(pl_module)
+        outs = self.forward_probe(trainer, pl_module, probe, layers)
+        classes = _class_labels(outs)
+        maps, inputs = self._label_map_activations(pl_module, probe, layers)
+        epoch = trainer.current_epoch
+        previous = {name: r["n_clusters"] for name, r in self.results_.items()}
+        results: dict[str, dict[str, Any]] = {}
+        for name in layers:
+            fit = self._fit(name, "samples", fit_dpgmm, outs.activations[name].flatten(1), classes)
+            if fit is None:
+                continue
+            position_fit, label_maps = None, None
+            if name in maps:
+                fitted = self._fit(name, "positions", fit_label_maps, maps[name])
+                if fitted is not None:
+                    position_fit, label_maps = fitted
+            results[name] = {
+                "n_clusters": fit.n_clusters, "weights": fit.weights, "nmi": fit.nmi, "ari": fit.ari,
+                "labels": fit.labels, "position_clusters": position_fit.n_clusters if position_fit else None,
+                "epoch": epoch,
+            }
+            self.history_.append({"epoch": epoch, "layer": name, "n_clusters": fit.n_clusters, "nmi": fit.nmi,
+                                  "ari": fit.ari, "position_clusters": results[name]["position_clusters"]})
+            self._log_layer(name, fit, position_fit, label_maps, inputs)
+        self.results_.update(results)
+        if self.embeddings and results:
+            self._log_embeddings(probe, outs, results)
+        if results:
+            self.reporter.log_text(f"{self.tag}/summary", self.summary_table(results, layers))
+        self._check_alerts(trainer, results, previous)
+
+    def _fit(self, layer: str, kind: str, method, values, *args):
+        """Run one fit; its warnings become one warning per layer and kind, a failure skips the layer."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                extra = {"max_fit_rows": self.max_label_map_positions} if kind == "positions" else {}
+                return method(values, *args, **self.fit_options, **extra)
+            except ValueError as err:
+                self.warn_once(f"skip:{layer}:{kind}", f"{type(self).__name__}: layer {layer!r} ({kind}) skipped: {err}")
+                return None
+            finally:
+                for w in caught:
+                    self.warn_once(f"{layer}:{kind}:{str(w.message)[:40]}",
+                                   f"{type(self).__name__}: layer {layer!r} ({kind}): {w.message}")
+
+    def _label_map_activations(self, pl_module, probe: ProbeData, layers):
+        """Unpooled maps ``[B, C, *spatial]`` of the conv layers for the first probe images, and the shown inputs."""
+        if self.label_map_images == 0:
+            return {}, None
+        head = probe.subset(torch.arange(min(self.label_map_fit_images, len(probe))))
+        outs = run_probe(pl_module, head, layers, pool=False)
+        maps = {name: act for name, act in outs.activations.items() if act.dim() >= 3}
+        if not maps:
+            return {}, None
+        inputs = torch.cat([x for x, _, _ in head.batches("cpu")])[: self.label_map_images]
+        return maps, (inputs if looks_like_images(inputs) else None)
+
+    # -- logging -------------------------------------------------------------------------------------------
+    def _log_layer(self, name, fit: ClusterFit, position_fit, label_maps, inputs) -> None:
+        scalars = {f"{self.tag}/{name}/n_clusters": fit.n_clusters}
+        if fit.nmi is not None:
+            scalars[f"{self.tag}/{name}/nmi"] = fit.nmi
+            scalars[f"{self.tag}/{name}/ari"] = fit.ari
+        if position_fit is not None:
+            scalars[f"{self.tag}/{name}/position_clusters"] = position_fit.n_clusters
+        self.reporter.log_scalars(scalars)
+        self.reporter.log_histogram(f"{self.tag}/{name}/weights", fit.weights)
+        if label_maps is not None and label_maps.dim() == 3:
+            shown = label_maps[: self.label_map_images]
+            self.reporter.log_image(f"{self.tag}/{name}/label_maps", label_map_panel(shown, inputs))
+
+    def _log_embeddings(self, probe: ProbeData, outs: ProbeOutputs, results) -> None:
+        predictions = outs.outputs.argmax(1).tolist() if outs.outputs.dim() == 2 and outs.outputs.shape[1] > 1 else None
+        labels = outs.labels.tolist() if outs.labels is not None and outs.labels.dim() == 1 else None
+        thumbnails = _thumbnails(probe, outs.indices)
+        for name, result in results.items():
+            rows = [
+                [int(c), "n/a" if labels is None else labels[i], "n/a" if predictions is None else predictions[i],
+                 int(outs.indices[i])]
+                for i, c in enumerate(result["labels"].tolist())
+            ]
+            self.reporter.log_embedding(
+                f"{self.tag}/{name}", outs.activations[name].flatten(1).nan_to_num(), metadata=rows,
+                metadata_header=["cluster", "label", "prediction", "index"], label_img=thumbnails,
+            )
+
+    def summary_table(self, results: dict[str, dict[str, Any]], layers) -> str:
+        """Markdown: per layer by depth, clusters and agreement with the classes, and what it suggests."""
+        rows = []
+        for depth, name in enumerate(layers):
+            r = results.get(name)
+            if r is None:
+                rows.append([depth, name, "skipped", "", "", "", ""])
+                continue
+            rows.append([depth, name, r["n_clusters"], "n/a" if r["position_clusters"] is None else r["position_clusters"],
+                         "n/a" if r["nmi"] is None else r["nmi"], "n/a" if r["ari"] is None else r["ari"],
+                         _reading(r["nmi"])])
+        table = markdown_table(
+            ["depth", "layer", "clusters (samples)", "clusters (positions)", "NMI", "ARI", "reading"], rows
+        )
+        return (table + f"\n\nReading: NMI < {GENERIC_BELOW} generic (freeze/transfer), > {SPECIFIC_ABOVE} "
+                "class-specific (retrain for a new task).")
+
+    # -- alerts --------------------------------------------------------------------------------------------
+    def _check_alerts(self, trainer, results, previous: dict[str, int]) -> None:
+        for name, r in results.items():
+            count = r["n_clusters"]
+            metric = f"{self.tag}/{name}/n_clusters"
+            if self.collapse_alert and count == 1:
+                self.alert(trainer, metric, count, 1, f"layer {name!r} collapsed to one cluster on the probe: its "
+                           "activations no longer separate the samples (dead, saturated or constant units?)")
+                continue
+            before = previous.get(name)
+            if self.max_change is None or before is None:
+                continue
+            change = abs(count - before) / max(before, 1)
+            if change > self.max_change and abs(count - before) >= 2:
+                self.alert(trainer, metric, count, self.max_change,
+                           f"layer {name!r} went from {before} to {count} clusters since the last run "
+                           f"({change:.0%} change): its representation is reorganising")
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        last = {name: {"n_clusters": r["n_clusters"], "epoch": r["epoch"]} for name, r in self.results_.items()}
+        return {"history": list(self.history_), "last_counts": last}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.history_ = list(state.get("history", []))
+        self.results_ = {name: dict(r) for name, r in state.get("last_counts", {}).items()}
+
+
+def _reading(nmi: float | None) -> str:
+    if nmi is None:
+        return "n/a (no labels)"
+    if nmi < GENERIC_BELOW:
+        return "generic"
+    return "class-specific" if nmi > SPECIFIC_ABOVE else "mixed"
+
+
+def _class_labels(outs: ProbeOutputs) -> torch.Tensor | None:
+    """Integer class labels ``[N]`` when the probe has them, else ``None`` (no NMI/ARI then)."""
+    labels = outs.labels
+    if labels is None or labels.dim() != 1 or labels.is_floating_point():
+        return None
+    return labels
+
+
+def _thumbnails(probe: ProbeData, indices: torch.Tensor, side: int = 32) -> torch.Tensor | None:
+    """The probe's inputs in the order of ``indices``, at most ``side`` pixels high, when they are images."""
+    xs, idx = [], []
+    for x, _, i in probe.batches("cpu"):
+        if not looks_like_images(x):
+            return None
+        xs.append(x.float())
+        idx.append(i)
+    images, order = torch.cat(xs), torch.cat(idx)
+    position = {int(d): p for p, d in enumerate(order.tolist())}
+    images = images[torch.tensor([position[int(d)] for d in indices.tolist()])]
+    if images.shape[-2] > side:
+        images = F.interpolate(images, size=(side, side * images.shape[-1] // images.shape[-2]), mode="area")
+    return _unit_range(images[:, :3])
+
+
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Each image min-max scaled to [0, 1]."""
+    flat = images.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    return ((flat - low[:, None]) / (high - low).clamp_min(1e-12)[:, None]).view_as(images)
+
+
+def label_map_panel(label_maps: torch.Tensor, inputs: torch.Tensor | None = None, min_side: int = 64,
+                    gap: int = 2) -> torch.Tensor:
+    """``[3, H, W]`` image: one column per image, its input on top and its coloured label map below.
+
+    ``label_maps`` are ``[B, h, w]`` cluster ids (a colour per id, the same in every column); ``inputs``
+    ``[B, C, H, W]`` images or ``None`` (label maps only). Both are upsampled (nearest) to one tile size.
+    """
+    reference = inputs if inputs is not None else label_maps[:, None]
+    height, width = reference.shape[-2:]
+    factor = max(1, -(-min_side // min(height, width)))
+    size = (height * factor, width * factor)
+    tiles = [F.interpolate(colorize_labels(label_maps, int(label_maps.max()) + 1), size=size, mode="nearest")]
+    if inputs is not None:
+        shown = _unit_range(inputs[: len(label_maps)].float().cpu())
+        shown = shown if shown.shape[1] == 3 else shown[:, :1].expand(-1, 3, -1, -1)
+        tiles = [F.interpolate(shown, size=size, mode="nearest"), torch.ones(len(shown), 3, gap, size[1]), *tiles]
+    columns = F.pad(torch.cat(tiles, dim=2), (0, gap), value=1.0)  # [B, 3, H', W' + gap]
+    return columns.permute(1, 2, 0, 3).reshape(3, columns.shape[2], -1)

@@ -1,0 +1,39 @@
+"""Run by tests/test_ddp.py: a 2-process CPU DDP fit whose callback shards the probe and gathers it back.
+
+Rank zero saves what the callback gathered and, at the same weights, the single-process forward pass.
+"""
+
+import sys
+
+import torch
+
+from lightning_interp._lightning import Trainer, pl
+from lightning_interp.callbacks.base import InterpretationCallback
+from lightning_interp.demo import DigitsCNN, DigitsDataModule
+from lightning_interp.probe import ProbeData, run_probe
+
+
+class GatherCheck(InterpretationCallback):
+    tag = "ddp_check"
+
+    def __init__(self, out_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out_path = out_path
+
+    def compute(self, trainer, pl_module, probe):
+        layers = self.select_layers(pl_module)
+        gathered = self.forward_probe(trainer, pl_module, probe, layers, features=True)
+        full = run_probe(pl_module, ProbeData(probe.dataset, probe.indices), layers, features=True)
+        if trainer.is_global_zero:
+            torch.save({"gathered": gathered, "single": full, "world_size": trainer.world_size,
+                        "coreset": self.coreset_}, self.out_path)
+
+
+if __name__ == "__main__":
+    pl.seed_everything(0)
+    callback = GatherCheck(sys.argv[1], probe="val", probe_size=0.5, probe_selector="kcenter", strict=True)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback],
+    )
+    trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
