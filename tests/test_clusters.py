@@ -207,3 +207,184 @@ def test_colorize_labels_gives_distinct_colours_and_black_for_skipped():
     assert rgb.shape == (1, 3, 2, 2)
     assert torch.equal(rgb[0, :, 1, 1], torch.zeros(3))
     assert torch.equal(rgb[0, :, 0, 0], palette[0]) and torch.equal(rgb[0, :, 1, 0], cluster_palette(3)[2])
+
+
+# ---------------------------------------------------------------------------------------------- callback
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from conftest import make_trainer, read_scalars, read_tags  # noqa: E402
+
+from lightning_interp import InterpretationWarning, LayerClusters  # noqa: E402
+from lightning_interp.callbacks.clusters import label_map_panel  # noqa: E402
+from lightning_interp.demo import DigitsCNN, DigitsDataModule  # noqa: E402
+
+SMALL = dict(every_n_epochs=1, probe_size=128, label_map_images=3, label_map_fit_images=8, strict=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short demo run with LayerClusters at small settings, shared by the tests that read its output."""
+    tmp_path = tmp_path_factory.mktemp("clusters")
+    torch.manual_seed(0)
+    cb = LayerClusters(**SMALL)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=2)
+    dm = DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0)
+    trainer.fit(DigitsCNN(), dm)
+    return cb, trainer, tmp_path / "tb"
+
+
+def test_callback_results_history_and_logs(trained):
+    cb, trainer, logdir = trained
+    layers = ["conv1", "conv2", "conv3", "fc1"]
+    assert list(cb.results_) == layers
+    for name, r in cb.results_.items():
+        assert r["n_clusters"] >= 1 and r["labels"].shape == (128,)
+        assert 0 <= r["nmi"] <= 1 and -1 <= r["ari"] <= 1
+        assert r["weights"].sum() == pytest.approx(1.0, abs=1e-3)
+        assert (r["position_clusters"] is None) == (name == "fc1")
+    assert [(h["epoch"], h["layer"]) for h in cb.history_] == [(e, n) for e in (0, 1) for n in layers]
+    scalars = read_scalars(logdir)
+    assert len(scalars["clusters/fc1/n_clusters"]) == 2
+    assert scalars["clusters/conv2/nmi"][-1][1] == pytest.approx(cb.results_["conv2"]["nmi"], abs=1e-6)
+    tags = read_tags(logdir)
+    assert {f"clusters/{n}/label_maps" for n in layers[:3]} <= tags["images"]
+    assert "clusters/fc1/label_maps" not in tags["images"]
+    assert {f"clusters/{n}/weights" for n in layers} <= tags["histograms"]
+    config = (logdir / "version_0" / "projector_config.pbtxt").read_text()
+    assert config.count("clusters/fc1") == 2 and "sprite" in config
+    metadata = next((logdir / "version_0").glob("*/clusters%2ffc1/metadata.tsv")).read_text().splitlines()
+    assert metadata[0].split("\t") == ["cluster", "label", "prediction", "index"] and len(metadata) == 129
+
+
+def test_summary_table_reads_generic_and_specific_by_depth(trained):
+    cb, _, _ = trained
+    table = cb.summary_table(cb.results_, list(cb.results_))
+    lines = table.splitlines()
+    assert lines[0].startswith("| depth | layer | clusters (samples)")
+    assert len([ln for ln in lines if ln.startswith("| ") and "conv" in ln or "fc1" in ln]) >= 4
+    fc1 = next(ln for ln in lines if "| fc1 |" in ln)
+    assert f"{cb.results_['fc1']['n_clusters']}" in fc1 and "n/a" in fc1  # no position clusters for fc1
+
+
+def test_sharp_change_alert_and_state_round_trip(trained):
+    cb, trainer, _ = trained
+    before = len(cb.alerts_)
+    cb._check_alerts(trainer, {"fc1": {"n_clusters": 20}}, {"fc1": 8})
+    cb._check_alerts(trainer, {"fc1": {"n_clusters": 9}}, {"fc1": 8})
+    assert len(cb.alerts_) == before + 1 and "from 8 to 20" in cb.alerts_[-1].message
+    state = cb.state_dict()
+    fresh = LayerClusters()
+    fresh.load_state_dict(state)
+    assert fresh.history_ == cb.history_
+    assert {n: r["n_clusters"] for n, r in fresh.results_.items()} == {n: r["n_clusters"] for n, r in cb.results_.items()}
+
+
+def test_callback_does_not_disturb_training(tmp_path):
+    def run(callbacks):
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=256, seed=0)
+        make_trainer(tmp_path, callbacks, max_epochs=2, logger=False).fit(model, dm)
+        return model.state_dict()
+
+    plain = run([])
+    with_clusters = run([LayerClusters(**SMALL, embeddings=False)])
+    assert all(torch.equal(plain[k], with_clusters[k]) for k in plain)
+
+
+class SideBranchCNN(DigitsCNN):
+    """DigitsCNN with an unused side layer whose output is NaN, and conv2 frozen at zero (constant output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(64, 4)
+        with torch.no_grad():
+            self.side.weight.fill_(float("nan"))
+            self.conv2.weight.zero_()
+            self.conv2.bias.zero_()
+        for p in [*self.side.parameters(), *self.conv2.parameters()]:
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        self.side(x.flatten(1))
+        return super().forward(x)
+
+
+def test_constant_and_nan_layers_warn_once_and_training_goes_on(tmp_path):
+    cb = LayerClusters(**{**SMALL, "strict": False}, layers=["conv1", "conv2", "side", "fc1"], embeddings=False)
+    dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=256, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(SideBranchCNN(), dm)
+    ours = [str(w.message) for w in caught if issubclass(w.category, InterpretationWarning)]
+    side = [m for m in ours if "'side'" in m]
+    assert len(side) == 1 and "NaN" in side[0]
+    assert "side" not in cb.results_ and {"conv1", "conv2", "fc1"} <= set(cb.results_)
+    assert cb.results_["conv2"]["n_clusters"] == 1
+    collapse = [a for a in cb.alerts_ if a.metric == "clusters/conv2/n_clusters"]
+    assert len(collapse) == 2 and "collapsed to one cluster" in collapse[0].message
+
+
+def test_small_probe_shrinks_truncation_with_one_warning_per_layer(tmp_path):
+    cb = LayerClusters(**{**SMALL, "probe_size": 24}, layers=["fc1"], embeddings=False)
+    dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=256, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb], max_epochs=2, logger=False).fit(DigitsCNN(), dm)
+    shrink = [w for w in caught if "truncation shrunk to 6" in str(w.message)]
+    assert len(shrink) == 1 and "'fc1'" in str(shrink[0].message)
+    assert len(cb.results_["fc1"]["weights"]) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"truncation": 0}, "truncation"),
+        ({"scale": "minmax"}, "scale"),
+        ({"init_params": "spectral"}, "init_params"),
+        ({"max_dims": 0}, "max_dims"),
+        ({"label_map_images": -1}, "label_map_images"),
+        ({"max_change": 0.0}, "max_change"),
+        ({"covariance_type": "banana"}, "covariance_type"),
+        ({"every_n_epochs": -1}, "every_n_epochs"),
+    ],
+)
+def test_callback_rejects_bad_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerClusters(**kwargs)
+
+
+def test_label_map_panel_puts_each_map_under_its_input():
+    images = torch.rand(3, 1, 8, 8)
+    maps = torch.tensor([0, 1, 2])[:, None, None].expand(3, 4, 4)
+    panel = label_map_panel(maps, images, min_side=16, gap=2)
+    assert panel.shape == (3, 16 + 2 + 16, 3 * (16 + 2))
+    assert torch.equal(panel[:, 20, 0], cluster_palette(3)[0]) and torch.equal(panel[:, 20, 18], cluster_palette(3)[1])
+    assert torch.allclose(panel[0, :16, :16], panel[1, :16, :16])  # grey input
+    assert label_map_panel(maps).shape == (3, 64, 3 * 66)
+
+
+def test_tensorboard_server_shows_projector_and_label_maps(trained, tensorboard_server):
+    _, _, logdir = trained
+    with tensorboard_server(logdir) as server:
+        runs = []
+        for _ in range(60):  # the projector plugin finds runs in the background
+            runs = json.loads(server.get("/data/plugin/projector/runs"))
+            if runs:
+                break
+            time.sleep(1)
+        assert runs, "the projector plugin lists no run"
+        info = json.loads(server.get(f"/data/plugin/projector/info?run={runs[0]}"))
+        names = [e["tensorName"] for e in info["embeddings"]]
+        assert any(n.startswith("clusters/fc1") for n in names)
+        assert all(e.get("sprite", {}).get("imagePath") for e in info["embeddings"])
+        tags = {}
+        for _ in range(30):
+            tags = json.loads(server.get("/data/plugin/images/tags"))
+            if any("clusters/conv1/label_maps" in t for t in tags.values()):
+                break
+            time.sleep(1)
+        assert any("clusters/conv1/label_maps" in t for t in tags.values())

@@ -17,9 +17,11 @@ Two uses are implemented:
 * :func:`mislabel_scores` — the group form on a *trusted* set T (e.g. the validation set): descend on
   T, score every training point by the increase of its loss, ``ℓ(z_i; θ'_T) − ℓ(z_i; θ)``. Points
   whose label conflicts with clean data get worse when the model moves towards the clean data.
-* :func:`leak_scores` — the per-query form of the authors' leakage experiment: one *ascent* step on
-  each query, ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` over the training set; the largest is the training
-  point most influenced by the query (its copy, when the query leaked into training).
+* :func:`leak_scores` — the per-query form: which training point does each query influence most (its
+  copy, when the query leaked into training)? ``rule="reference"`` is the authors' leakage code (one
+  Adam *ascent* step on the query, ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|``); ``rule="relative"`` (default,
+  measured far better on digits, docs/mirrored.md) is the first-order mirrored influence of a head step
+  normalised by self-influence, computed in closed form from one forward pass.
 
 Everything runs on a cloned parameter/buffer dict through :func:`torch.func.functional_call` with
 the model in eval mode; the model, its buffers and its train/eval flags are left as they were.
@@ -234,39 +236,107 @@ def mislabel_scores(model: nn.Module, trusted_x: Tensor, trusted_y: Tensor, trai
 # Leaked samples: every query → every training point
 # --------------------------------------------------------------------------------------------------
 class LeakResult(NamedTuple):
-    """Per-query results of :func:`leak_scores` (positions index the training tensors given)."""
+    """Per-query results of the leak search (positions index the training rows given)."""
 
     train_index: Tensor  # [Q] the most influenced training point
     top_k: Tensor        # [Q, k] the k most influenced training points, best first
-    score: Tensor        # [Q] leak score: log(|Δ|₁ / |Δ|₂), top over runner-up influence
-    influence: Tensor    # [Q, k] |Δloss| of the top_k points
-    radius: Tensor       # [Q] L2 radius the query was moved on (0 = not fit, used as is)
+    score: Tensor        # [Q] leak score (higher = more likely a copy of a training point)
+    influence: Tensor    # [Q, k] influence of the top_k points
+    radius: Tensor       # [Q] L2 radius the query was moved on (0 = used as is; reference rule only)
 
 
+# ---- the cheap rule: relative mirrored influence of a head step, from one forward pass -------------------
+def head_gradient_directions(logits: Tensor, features: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit factors of the head's log-loss gradient ``∇_{W,b} log ℓ = r ⊗ [f, 1]``.
+
+    ``r = softmax − onehot`` is formed from the non-target probabilities (``r_y = −Σ_{c≠y} p_c``) so it keeps
+    its direction for samples the model fits to float precision, where ``p_y − 1`` rounds to 0.
+    """
+    probs = logits.float().log_softmax(1).exp()
+    other = probs.scatter(1, y[:, None], 0.0)
+    residual = other.scatter(1, y[:, None], -other.sum(1, keepdim=True))
+    augmented = torch.cat([features.float().flatten(1), features.new_ones(len(features), 1)], dim=1)
+    return F.normalize(residual, dim=1), F.normalize(augmented, dim=1)
+
+
+def relative_head_influence(query_logits: Tensor, query_features: Tensor, query_y: Tensor, train_logits: Tensor,
+                            train_features: Tensor, train_y: Tensor, *, top_k: int = 5, chunk: int = 256,
+                            ) -> tuple[Tensor, Tensor]:
+    """Each query's ``top_k`` training points by relative mirrored influence of a head step.
+
+    A plain gradient-ascent step of size η on the query's log-loss, applied to the classifier head, moves
+    training point i's log-loss by ``η ⟨g_i, g_q⟩`` to first order (Eq. 4 with the head's gradients
+    ``g = r ⊗ [f, 1]``). Dividing by the two self-influences ``‖g_i‖ ‖g_q‖`` (the relative influence of
+    Barshan et al., AISTATS 2020) removes the pull of training points that move for any query:
+
+        I_rel(q, i) = cos(r_q, r_i) · cos([f_q, 1], [f_i, 1])   ∈ [−1, 1], 1 for an exact copy.
+
+    Needs only logits and penultimate features (one forward pass); ``[chunk, N]`` products per step.
+    """
+    rq, fq = head_gradient_directions(query_logits, query_features, query_y)
+    rt, ft = head_gradient_directions(train_logits, train_features, train_y)
+    top_k = min(top_k, len(rt))
+    values, indices = [], []
+    for start in range(0, len(rq), chunk):
+        rows = slice(start, start + chunk)
+        influence = (rq[rows] @ rt.T) * (fq[rows] @ ft.T)
+        best = influence.topk(top_k, dim=1)
+        values.append(best.values)
+        indices.append(best.indices)
+    return torch.cat(values), torch.cat(indices)
+
+
+@torch.no_grad()
+def logits_and_head_inputs(model: nn.Module, x: Tensor, *, head: str | None = None, chunk: int = 1024,
+                           ) -> tuple[Tensor, Tensor]:
+    """Logits and penultimate features (the head's flattened input) of ``x`` in eval mode, on CPU."""
+    params, buffers = parameter_copy(model)
+    device = model_device(model)
+    logits, features = [], []
+    with eval_mode(model):
+        num_classes = logits_of(model, params, buffers, x[:1].to(device)).shape[1]
+        module = model.get_submodule(head or find_classifier_head(model, num_classes))
+        handle = module.register_forward_pre_hook(lambda _m, args: features.append(args[0].flatten(1).cpu()))
+        try:
+            for start in range(0, len(x), chunk):
+                logits.append(logits_of(model, params, buffers, x[start:start + chunk].to(device)).cpu())
+        finally:
+            handle.remove()
+    return torch.cat(logits), torch.cat(features)
+
+
+def find_classifier_head(model: nn.Module, num_classes: int) -> str:
+    """Name of the last ``nn.Linear`` with ``num_classes`` outputs."""
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not heads:
+        raise ValueError(f"no nn.Linear with {num_classes} outputs (the classifier head) found in the model")
+    return heads[-1]
+
+
+# ---- the reference rule: full-model ascent per query, |Δloss| (the authors' leakage code) --------------
 def sphere_perturb_fit_queries(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor,
                                *, fit_threshold: float = 1e-2, radius: float = 3.0, growth: float = 1.1,
                                max_tries: int = 100, generator: torch.Generator | None = None,
                                ) -> tuple[Tensor, Tensor]:
     """Move queries the model already fits (loss < ``fit_threshold``) onto an L2 sphere around them.
 
-    The reference procedure: a fit query has a near-zero gradient, so the ascent step would not
-    move the model. Draw a point at L2 distance ``radius`` in a random direction; while it is still
-    fit, grow the radius ×``growth`` and draw again. Returns (inputs, radius used; 0 = unchanged).
+    The reference procedure: a fit query has a near-zero gradient, so the ascent step would not move the
+    model. Draw a point at L2 distance ``radius`` in a random direction; while it is still fit, grow the
+    radius ×``growth`` and draw again (at most ``max_tries``). Returns (inputs, radius used; 0 = unchanged).
     """
-    x = x.clone()
+    x, original = x.clone(), x.clone()
     used = torch.zeros(len(x), device=x.device)
+    current = torch.full((len(x),), float(radius), device=x.device)
+    shape = (-1,) + (1,) * (x.dim() - 1)
     with torch.no_grad():
         pending = per_sample_loss(model, params, buffers, x, y) < fit_threshold
-        current = torch.full((len(x),), float(radius), device=x.device)
-        original = x.clone()
         for _ in range(max_tries):
             if not pending.any():
                 break
             rows = pending.nonzero().squeeze(1)
-            direction = torch.randn(original[rows].shape, generator=generator,
-                                    device="cpu" if generator is None else generator.device).to(x.device)
-            direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-            x[rows] = original[rows] + current[rows].view(-1, *[1] * (x.dim() - 1)) * direction
+            direction = torch.randn(original[rows].shape, generator=generator).to(x.device)
+            direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+            x[rows] = original[rows] + current[rows].view(shape) * direction
             used[rows] = current[rows]
             still_fit = per_sample_loss(model, params, buffers, x[rows], y[rows]) < fit_threshold
             current[rows[still_fit]] *= growth
@@ -274,8 +344,7 @@ def sphere_perturb_fit_queries(model: nn.Module, params: Params, buffers: Params
     return x, used
 
 
-def _per_query_updates(model, params: Params, buffers: Params, xq: Tensor, yq: Tensor, rule: UpdateRule,
-                       ) -> Params:
+def _per_query_updates(model, params: Params, buffers: Params, xq: Tensor, yq: Tensor, rule: UpdateRule) -> Params:
     """θ'_q for every query at once: ``rule`` ascent steps on each query alone (vmap over queries)."""
 
     def query_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -286,147 +355,89 @@ def _per_query_updates(model, params: Params, buffers: Params, xq: Tensor, yq: T
     state = _initial_state(updated, rule.optimizer)
     for step in range(1, rule.steps + 1):
         updated, state = _step(updated, per_query_grad(updated, xq, yq), state, step, rule, 1.0)
-    return updated
-
-
-def find_classifier_head(model: nn.Module, num_classes: int) -> str:
-    """Name of the last ``nn.Linear`` with ``num_classes`` outputs (the head the first stage uses)."""
-    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    if not heads:
-        raise ValueError(
-            f"no nn.Linear with {num_classes} outputs found for the candidate stage; pass "
-            "candidates=None to score every training point with the full model"
-        )
-    return heads[-1]
-
-
-@torch.no_grad()
-def _head_inputs(model, params, buffers, head: str, x: Tensor, chunk: int) -> Tensor:
-    """Inputs of the head layer (penultimate features), flattened to ``[N, d]``."""
-    module, captured = model.get_submodule(head), []
-    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1)))
-    try:
-        for start in range(0, len(x), chunk):
-            functional_call(model, (params, buffers), (x[start:start + chunk],))
-    finally:
-        handle.remove()
-    return torch.cat(captured)
-
-
-def _head_only_influence(features_q: Tensor, yq: Tensor, features: Tensor, y: Tensor, weight: Tensor,
-                         bias: Tensor | None, rule: UpdateRule) -> Tensor:
-    """|Δloss| of every training point when only the head takes the per-query ascent steps.
-
-    The head gradient is closed-form, ∇_W ℓ = (softmax − onehot) f_qᵀ, so all queries update at once
-    and the training logits move by f_i ΔW_qᵀ + Δb_q: a cheap first stage over all training points.
-    """
-    num_classes = weight.shape[0]
-    params = {"w": weight.expand(len(features_q), *weight.shape)}
-    params["b"] = (bias if bias is not None else weight.new_zeros(num_classes)).expand(len(features_q), -1)
-    state = _initial_state(params, rule.optimizer)
-    onehot = F.one_hot(yq, num_classes).to(features_q.dtype)
-    for step in range(1, rule.steps + 1):
-        logits_q = torch.einsum("qd,qcd->qc", features_q, params["w"]) + params["b"]
-        residual = logits_q.softmax(1) - onehot
-        grads = {"w": residual[:, :, None] * features_q[:, None, :], "b": residual}
-        if bias is None:
-            grads["b"] = torch.zeros_like(residual)
-        params, state = _step(params, grads, state, step, rule, 1.0)
-    base = features @ weight.T + (bias if bias is not None else 0)
-    moved = torch.einsum("nd,qcd->qnc", features, params["w"] - weight) + (params["b"] - (bias if bias is not None else 0))[:, None, :]
-    loss_before = F.cross_entropy(base, y, reduction="none")
-    loss_after = F.cross_entropy((base[None] + moved).flatten(0, 1), y.repeat(len(features_q)), reduction="none")
-    return (loss_after.view(len(features_q), -1) - loss_before[None]).abs()
+    return {n: p.detach() for n, p in updated.items()}
 
 
 def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Tensor, train_y: Tensor, *,
+                rule: Literal["relative", "reference"] = "relative", top_k: int = 5,
                 steps: int = LEAK_RULE.steps, lr: float = LEAK_RULE.lr, optimizer: Optimizer = LEAK_RULE.optimizer,
-                candidates: int | None = 64, top_k: int = 5, fit_threshold: float = 1e-2,
-                sphere_radius: float = 3.0, sphere_growth: float = 1.1, query_chunk: int = 32,
-                seed: int = 0) -> LeakResult:
-    """Per-query mirrored influence ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` over the training set (Eq. 4).
+                candidates: int | None = 256, fit_threshold: float = 1e-2, sphere_radius: float = 3.0,
+                sphere_growth: float = 1.1, query_chunk: int = 32, seed: int = 0) -> LeakResult:
+    """For every query, the training points it influences most: which training point is its copy.
 
-    For each query z_q: ``steps`` *ascent* steps on z_q alone (default: one Adam step, lr 5e-3, as
-    in the reference leakage code) on a copy, then the absolute loss change of every training point.
-    A query the model already fits is first moved onto an L2 sphere (:func:`sphere_perturb_fit_queries`).
+    ``rule="relative"`` (default): :func:`relative_head_influence` from one forward pass over both sets;
+    the leak score is the top influence (1 for an exact copy).
 
-    Scaling: with ``candidates=None`` every (query, training point) pair takes a full forward pass —
-    Q·N passes, vmapped over ``query_chunk`` queries. With ``candidates=K`` a first stage applies the
-    same update to the classifier head only (closed form, a matrix product over cached penultimate
-    features), keeps each query's K most influenced points, and the full model re-scores just those:
-    Q·K forward passes. The leak score is ``log(|Δ|_(1) / |Δ|_(2))``: a leaked query moves its own
-    copy far more than any other training point.
+    ``rule="reference"``: the authors' procedure, Eq. 4 per query — ``steps`` *ascent* steps of
+    ``optimizer`` (default one Adam step, lr 5e-3) on the query alone, on a copy, then
+    ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` for the training points; a query the model already fits is first moved
+    onto an L2 sphere (:func:`sphere_perturb_fit_queries`, radius 3 growing ×1.1). Queries are batched with
+    ``vmap`` over per-query parameter copies (``query_chunk`` at a time); with ``candidates=K`` only each
+    query's K best points under the relative rule are re-scored by the full model (Q·K forward passes
+    instead of Q·N). The leak score is ``log(|Δ|_(1) / |Δ|_(2))``.
     """
     check_class_labels(query_y, "the queries")
     check_class_labels(train_y, "the training data")
-    rule = UpdateRule(steps, lr, optimizer)
+    if rule not in ("relative", "reference"):
+        raise ValueError(f"rule must be 'relative' or 'reference', got {rule!r}")
+    q_logits, q_features = logits_and_head_inputs(model, query_x)
+    t_logits, t_features = logits_and_head_inputs(model, train_x)
+    query_y, train_y = query_y.cpu(), train_y.cpu()
+    if rule == "relative":
+        values, index = relative_head_influence(q_logits, q_features, query_y, t_logits, t_features, train_y,
+                                                top_k=top_k)
+        return LeakResult(index[:, 0], index, values[:, 0], values, torch.zeros(len(index)))
+    pool = None
+    if candidates is not None and candidates < len(train_x):
+        pool = relative_head_influence(q_logits, q_features, query_y, t_logits, t_features, train_y,
+                                       top_k=max(candidates, top_k))[1]
+    return _reference_leak_scores(model, query_x, query_y, train_x, train_y, UpdateRule(steps, lr, optimizer),
+                                  pool, min(top_k, len(train_x)), fit_threshold, sphere_radius, sphere_growth,
+                                  query_chunk, seed)
+
+
+def _reference_leak_scores(model, query_x, query_y, train_x, train_y, rule, pool, top_k, fit_threshold,
+                           sphere_radius, sphere_growth, query_chunk, seed) -> LeakResult:
     device = model_device(model)
     query_x, query_y = query_x.to(device), query_y.to(device)
     train_x, train_y = train_x.to(device), train_y.to(device)
-    top_k = min(top_k, len(train_x))
-    generator = torch.Generator(device="cpu").manual_seed(seed)  # never the global RNG
+    pool = pool.to(device) if pool is not None else None
+    generator = torch.Generator().manual_seed(seed)  # never the global RNG
     params, buffers = parameter_copy(model)
     with eval_mode(model):
         query_x, radius = sphere_perturb_fit_queries(
-            model, params, buffers, query_x, query_y, fit_threshold=fit_threshold,
-            radius=sphere_radius, growth=sphere_growth, generator=generator)
+            model, params, buffers, query_x, query_y, fit_threshold=fit_threshold, radius=sphere_radius,
+            growth=sphere_growth, generator=generator)
         with torch.no_grad():
             loss_before = torch.cat([per_sample_loss(model, params, buffers, xb, yb)
                                      for xb, yb in tensor_batches(train_x, train_y, 1024)])
-        pool = None
-        if candidates is not None and candidates < len(train_x):
-            pool = _candidate_pool(model, params, buffers, query_x, query_y, train_x, train_y, rule,
-                                   max(candidates, top_k), query_chunk)
-        influence, index = [], []
+        values, index = [], []
         for start in range(0, len(query_x), query_chunk):
             rows = slice(start, start + query_chunk)
-            inf, idx = _full_model_influence(model, params, buffers, query_x[rows], query_y[rows],
-                                             train_x, train_y, loss_before, rule,
-                                             None if pool is None else pool[rows], top_k)
-            influence.append(inf)
-            index.append(idx)
-    influence, index = torch.cat(influence), torch.cat(index)
-    score = torch.log(influence[:, 0].clamp_min(1e-12) / influence[:, 1].clamp_min(1e-12)) \
-        if influence.shape[1] > 1 else influence[:, 0]
-    return LeakResult(index[:, 0].cpu(), index.cpu(), score.cpu(), influence.cpu(), radius.cpu())
+            updated = _per_query_updates(model, params, buffers, query_x[rows], query_y[rows], rule)
+            delta = _loss_change(model, updated, buffers, train_x, train_y, loss_before,
+                                 None if pool is None else pool[rows])
+            best = delta.topk(top_k, dim=1)
+            values.append(best.values)
+            index.append(best.indices if pool is None else pool[rows].gather(1, best.indices))
+    values, index = torch.cat(values).cpu(), torch.cat(index).cpu()
+    score = torch.log(values[:, 0].clamp_min(1e-30) / values[:, min(1, top_k - 1)].clamp_min(1e-30))
+    return LeakResult(index[:, 0], index, score, values, radius.cpu())
 
 
-def _candidate_pool(model, params, buffers, query_x, query_y, train_x, train_y, rule, k, query_chunk):
-    """First stage: each query's ``k`` most influenced training points under a head-only update."""
-    num_classes = logits_of(model, params, buffers, query_x[:1]).shape[1]
-    head = find_classifier_head(model, num_classes)
-    features = _head_inputs(model, params, buffers, head, train_x, 1024)
-    features_q = _head_inputs(model, params, buffers, head, query_x, 1024)
-    weight, bias = params[f"{head}.weight"], params.get(f"{head}.bias")
-    chunk = max(1, (1 << 24) // max(1, len(train_x) * num_classes))  # bound the [q, N, C] tensor
-    pools = []
-    with torch.no_grad():
-        for start in range(0, len(query_x), chunk):
-            rows = slice(start, start + chunk)
-            influence = _head_only_influence(features_q[rows], query_y[rows], features, train_y,
-                                             weight, bias, rule)
-            pools.append(influence.topk(k, dim=1).indices)
-    return torch.cat(pools)
-
-
-def _full_model_influence(model, params, buffers, xq, yq, train_x, train_y, loss_before, rule, pool, top_k):
-    """|Δloss| with the full per-query update on the pooled candidates (or on every training point)."""
-    updated = {n: p.detach() for n, p in _per_query_updates(model, params, buffers, xq, yq, rule).items()}
+@torch.no_grad()
+def _loss_change(model, updated: Params, buffers: Params, train_x, train_y, loss_before, pool) -> Tensor:
+    """``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` for every query's model: all training points, or its pooled ones."""
 
     def losses(p: Params, x: Tensor, y: Tensor) -> Tensor:
         return per_sample_loss(model, p, buffers, x, y)
 
-    with torch.no_grad():
-        if pool is None:
-            after = torch.cat([vmap(losses, in_dims=(0, None, None))(updated, xb, yb)
-                               for xb, yb in tensor_batches(train_x, train_y, 256)], dim=1)
-            delta = (after - loss_before[None]).abs()
-            best = delta.topk(top_k, dim=1)
-            return best.values, best.indices
-        after = vmap(losses, in_dims=(0, 0, 0))(updated, train_x[pool], train_y[pool])
-        delta = (after - loss_before[pool]).abs()
-        best = delta.topk(top_k, dim=1)
-        return best.values, pool.gather(1, best.indices)
+    if pool is None:
+        after = torch.cat([vmap(losses, in_dims=(0, None, None))(updated, xb, yb)
+                           for xb, yb in tensor_batches(train_x, train_y, 256)], dim=1)
+        return (after - loss_before[None]).abs()
+    after = vmap(losses, in_dims=(0, 0, 0))(updated, train_x[pool], train_y[pool])
+    return (after - loss_before[pool]).abs()
 
 
 # --------------------------------------------------------------------------------------------------
