@@ -1,0 +1,304 @@
+"""``MirroredInfluence``: flag mislabeled training samples (and leaked queries) during training.
+
+Per scheduled epoch, the mirrored influence of a trusted set (the validation set by default) on every
+training sample — a few descent steps on the trusted data on a parameter copy, then the change of each
+training sample's loss from forward passes only (Ko et al., CVPR 2024; :mod:`lightning_interp.methods.mirrored`).
+Scores are averaged over the scheduled epochs: one snapshot is noisy, the average over training is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..distributed import gather_by_index, shard_positions
+from ..methods.mirrored import (
+    MISLABEL_RULE,
+    OPTIMIZERS,
+    UpdateRule,
+    check_class_labels,
+    per_sample_loss,
+    relative_head_influence,
+    self_influence,
+    trained_copy,
+)
+from ..plots import image_gallery, looks_like_images
+from ..probe import ProbeData, ProbeDataError, evaluation_mode, model_device
+from ..report import markdown_table
+from .base import InterpretationCallback, resolve_dataset
+
+DataSource = Union[Literal["val", "train"], Dataset]
+
+
+class MirroredInfluence(InterpretationCallback):
+    """Mislabeled-sample scores from the mirrored influence of trusted data, accumulated over training.
+
+    At each scheduled epoch: θ'_T = ``steps`` full-batch ``optimizer`` descent steps (lr ``lr``) on the
+    trusted set T, taken on a cloned parameter/buffer dict in eval mode; the score of training sample z_i
+    is ``ℓ(z_i; θ'_T) − ℓ(z_i; θ)`` (Ko et al. 2024, Eq. 4, group form). ``scores_`` is the running mean of
+    those scores over the scheduled epochs (per dataset index): a label that conflicts with clean data
+    keeps getting worse whenever the model moves towards the clean data, while a single snapshot of a
+    memorising model is noisy (digits, 20% noise: AUROC 0.92-0.97 one-shot, 0.99+ averaged).
+
+    Args:
+        trusted: the clean data whose influence is measured: ``"val"`` (the validation set) or a Dataset.
+        steps, lr, optimizer: the update on the trusted set (``"adam"`` or ``"sgd"``); defaults measured
+            on digits (docs/mirrored.md). Cost per run: ``steps`` forward+backward passes over T and two
+            forward passes over the training probe (one shared with the other callbacks).
+        threshold: a sample is flagged when its accumulated score (mean loss increase, in nats) exceeds it.
+        max_flagged_fraction: alert when more than this fraction of the scored samples is flagged.
+        leak_queries: ``"val"``, a Dataset, or ``None`` (off): for every query, the training sample it
+            influences most under the relative mirrored influence of a head step (1 = exact copy).
+        leak_threshold: queries whose top influence exceeds it are reported in ``leaks_``.
+        second_look_top_k: TracIn self-influence (‖∇ℓ‖² times the current learning rate, summed over the
+            scheduled epochs as TracInCP sums over checkpoints) of the top-k flagged samples and of k random
+            training samples for reference (0: off; costs per-sample gradients of 2k samples).
+        log_top_k: rows of the flagged table and images of the gallery.
+        **kwargs: the base options (``every_n_epochs`` default 5, ``probe`` default ``"train"``,
+            ``probe_size``, ``alert_action``, ``strict``, ``batch_size``, ``batch_to_xy``, ...).
+
+    Attributes:
+        scores_: ``[len(train dataset)]`` accumulated scores by dataset index (NaN where never scored).
+        flagged_: dataset indices with ``scores_ > threshold``, highest first.
+        leaks_: ``(query dataset index, training dataset index, influence)`` above ``leak_threshold``,
+            highest first (from the latest run).
+        confirmed_: flagged indices (among the top-k checked) whose accumulated self-influence exceeds the
+            90th percentile of the random reference samples' (only with ``second_look_top_k``).
+        self_influence_: ``{dataset index: accumulated TracIn self-influence}`` of the samples checked.
+        history_: one record per run: ``epoch``, ``flagged``, ``flagged_fraction``, ``leaks``, ``seconds``.
+    """
+
+    tag = "mirrored"
+
+    def __init__(
+        self,
+        trusted: DataSource = "val",
+        steps: int = MISLABEL_RULE.steps,
+        lr: float = MISLABEL_RULE.lr,
+        optimizer: Literal["adam", "sgd"] = MISLABEL_RULE.optimizer,
+        threshold: float = 1.0,
+        max_flagged_fraction: float = 0.05,
+        leak_queries: DataSource | None = "val",
+        leak_threshold: float = 0.999,
+        second_look_top_k: int = 0,
+        log_top_k: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("every_n_epochs", 5)
+        kwargs.setdefault("probe", "train")
+        super().__init__(**kwargs)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.rule = UpdateRule(steps, lr, optimizer)  # validates steps and lr
+        if isinstance(trusted, str) and trusted not in ("val", "train"):
+            raise ValueError(f"trusted must be 'val' or a Dataset, got {trusted!r}")
+        if isinstance(leak_queries, str) and leak_queries not in ("val", "train"):
+            raise ValueError(f"leak_queries must be 'val', a Dataset or None, got {leak_queries!r}")
+        if not 0.0 < max_flagged_fraction <= 1.0:
+            raise ValueError(f"max_flagged_fraction must be in (0, 1], got {max_flagged_fraction}")
+        if second_look_top_k < 0 or log_top_k < 0:
+            raise ValueError("second_look_top_k and log_top_k must be >= 0")
+        self.trusted = trusted
+        self.threshold = float(threshold)
+        self.max_flagged_fraction = float(max_flagged_fraction)
+        self.leak_queries = leak_queries
+        self.leak_threshold = float(leak_threshold)
+        self.second_look_top_k = int(second_look_top_k)
+        self.log_top_k = int(log_top_k)
+
+        self.history_: list[dict[str, Any]] = []
+        self.leaks_: list[tuple[int, int, float]] = []
+        self.self_influence_: dict[int, float] = {}
+        self.confirmed_: list[int] = []
+        self._score_sum: Tensor | None = None
+        self._score_count: Tensor | None = None
+        self._trusted_xy: tuple[Tensor, Tensor] | None = None
+
+    # -- results ---------------------------------------------------------------------------------------
+    @property
+    def scores_(self) -> Tensor:
+        if self._score_sum is None:
+            raise AttributeError("scores_ is set after the first scheduled run (every_n_epochs)")
+        return self._score_sum / self._score_count.where(self._score_count > 0, torch.nan)
+
+    @property
+    def flagged_(self) -> Tensor:
+        scores = self.scores_.nan_to_num(float("-inf"))
+        above = (scores > self.threshold).nonzero().squeeze(1)
+        return above[scores[above].argsort(descending=True)]
+
+    # -- setup: fail fast on configuration errors ------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.trusted == "val" and not _has_val_source(trainer):
+            raise ProbeDataError(
+                "MirroredInfluence(trusted='val') needs validation data, but the trainer has none; pass "
+                "val_dataloaders / a datamodule with val_dataloader(), or trusted=<a Dataset of clean samples>"
+            )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
+
+    def _load_labelled(self, trainer, source: DataSource, what: str) -> tuple[Tensor, Tensor]:
+        probe = ProbeData(resolve_dataset(trainer, source), batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
+        xs, ys = [], []
+        for x, y, _ in probe.batches("cpu"):
+            if y is None:
+                raise ProbeDataError(f"MirroredInfluence needs class labels, but {what} has none (inputs only)")
+            xs.append(x)
+            ys.append(y)
+        y = torch.cat(ys)
+        try:
+            check_class_labels(y, what)
+        except ValueError as err:
+            raise ProbeDataError(f"MirroredInfluence needs class labels: {err}") from err
+        return torch.cat(xs), y
+
+    # -- one scheduled run -----------------------------------------------------------------------------
+    def compute(self, trainer, pl_module, probe: ProbeData) -> None:
+        import time
+
+        start = time.perf_counter()
+        if self._trusted_xy is None:
+            self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
+        want_features = self.leak_queries is not None
+        outs = self.forward_probe(trainer, pl_module, probe, features=want_features)
+        labels = outs.require_class_labels("MirroredInfluence")
+        scores = self._mirrored_scores(trainer, pl_module, probe, outs.outputs, labels)
+        self._accumulate(probe.dataset_size, outs.indices, scores)
+        if want_features:
+            self._find_leaks(trainer, pl_module, outs)
+        if self.second_look_top_k:
+            self._second_look(trainer, pl_module, probe)
+        self._report(trainer, pl_module, probe, outs, time.perf_counter() - start)
+
+    def _mirrored_scores(self, trainer, pl_module, probe: ProbeData, logits: Tensor, labels: Tensor) -> Tensor:
+        """``ℓ(θ'_T) − ℓ(θ)`` per probe row; under DDP each rank scores its shard and all gather it."""
+        x_t, y_t = self._trusted_xy
+        with evaluation_mode(pl_module, grad=True):
+            _, updated, buffers = trained_copy(pl_module, x_t, y_t, self.rule)
+        before = F.cross_entropy(logits.float(), labels, reduction="none")
+        shard = probe
+        if trainer.world_size > 1:
+            shard = probe.subset(shard_positions(len(probe), trainer.global_rank, trainer.world_size))
+        device = model_device(pl_module)
+        after, index = [], []
+        with evaluation_mode(pl_module):
+            for x, y, idx in shard.batches(device):
+                after.append(per_sample_loss(pl_module, updated, buffers, x, y).float().cpu())
+                index.append(idx)
+        after_all, order = gather_by_index(trainer.strategy, torch.cat(after), torch.cat(index))
+        return after_all - before  # forward_probe rows are sorted by dataset index, as gather_by_index's
+
+    def _accumulate(self, size: int, indices: Tensor, scores: Tensor) -> None:
+        if self._score_sum is None or len(self._score_sum) != size:
+            self._score_sum = torch.zeros(size, dtype=torch.float64)
+            self._score_count = torch.zeros(size, dtype=torch.float64)
+        finite = scores.isfinite()
+        if not finite.all():
+            self.warn_once("nonfinite", "MirroredInfluence: some scores were not finite (the update diverged); "
+                           "they are left out of the running mean — consider a smaller lr")
+        self._score_sum.index_add_(0, indices[finite], scores[finite].double())
+        self._score_count.index_add_(0, indices[finite], torch.ones(int(finite.sum()), dtype=torch.float64))
+
+    def _find_leaks(self, trainer, pl_module, train_outs) -> None:
+        source = self.leak_queries
+        queries = ProbeData(resolve_dataset(trainer, source), batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
+        q = self.forward_probe(trainer, pl_module, queries, features=True)
+        q_labels = q.require_class_labels("MirroredInfluence (leak queries)")
+        values, index = relative_head_influence(q.outputs, q.features, q_labels, train_outs.outputs,
+                                                train_outs.features, train_outs.labels, top_k=1)
+        found = (values[:, 0] > self.leak_threshold).nonzero().squeeze(1)
+        found = found[values[found, 0].argsort(descending=True)]
+        self.leaks_ = [(int(q.indices[i]), int(train_outs.indices[index[i, 0]]), float(values[i, 0])) for i in found]
+
+    def _second_look(self, trainer, pl_module, probe: ProbeData) -> None:
+        k = self.second_look_top_k
+        flagged = self.flagged_[:k]
+        gen = torch.Generator().manual_seed(self.seed)
+        reference = probe.indices[torch.randperm(len(probe), generator=gen)[:k]]
+        lr = _current_lr(trainer)
+        checked = torch.cat([flagged, reference]).unique()
+        check = ProbeData(probe.dataset, checked, self.batch_size, self.batch_to_xy)
+        x, y = torch.cat([b[0] for b in check.batches("cpu")]), torch.cat([b[1] for b in check.batches("cpu")])
+        with evaluation_mode(pl_module, grad=True):
+            values = self_influence(pl_module, x, y) * lr
+        for i, v in zip(check.indices.tolist(), values.tolist()):
+            self.self_influence_[i] = self.self_influence_.get(i, 0.0) + v
+        ref = torch.tensor([self.self_influence_[i] for i in reference.tolist()])
+        bar = float(ref.quantile(0.9)) if len(ref) else float("inf")
+        self.confirmed_ = [i for i in flagged.tolist() if self.self_influence_.get(i, 0.0) > bar]
+
+    # -- logging and alerts ----------------------------------------------------------------------------
+    def _report(self, trainer, pl_module, probe: ProbeData, outs, seconds: float) -> None:
+        scores = self.scores_
+        scored = int((self._score_count > 0).sum())
+        flagged = self.flagged_
+        fraction = len(flagged) / max(1, scored)
+        self.history_.append({"epoch": trainer.current_epoch, "flagged": len(flagged),
+                              "flagged_fraction": fraction, "leaks": len(self.leaks_), "seconds": seconds})
+        metrics = {f"{self.tag}/flagged_count": len(flagged), f"{self.tag}/flagged_fraction": fraction}
+        if self.leak_queries is not None:
+            metrics[f"{self.tag}/leaks"] = len(self.leaks_)
+        if self.second_look_top_k:
+            metrics[f"{self.tag}/confirmed"] = len(self.confirmed_)
+        self.reporter.log_scalars(metrics)
+        self.reporter.log_histogram(f"{self.tag}/scores", scores[scores.isfinite()])
+        if self.log_top_k and len(flagged):
+            self._log_flagged(pl_module, probe, outs, flagged[: self.log_top_k])
+        if self.leaks_:
+            rows = [[qi, ti, f"{v:.4f}"] for qi, ti, v in self.leaks_[: self.log_top_k]]
+            self.reporter.log_text(f"{self.tag}/leaks", markdown_table(["query", "train index", "influence"], rows))
+        if fraction > self.max_flagged_fraction:
+            self.alert(trainer, f"{self.tag}/flagged_fraction", fraction, self.max_flagged_fraction,
+                       f"{len(flagged)} of {scored} training samples look mislabeled (mean mirrored loss "
+                       f"increase > {self.threshold:g}); see {self.tag}/flagged and flagged_")
+
+    def _log_flagged(self, pl_module, probe: ProbeData, outs, top: Tensor) -> None:
+        position = torch.searchsorted(outs.indices, top)  # outs rows are sorted by dataset index
+        given = outs.labels[position]
+        predicted = outs.outputs[position].argmax(1)
+        scores = self.scores_[top]
+        rows = [[int(i), int(g), int(p), f"{float(s):.3f}"] for i, g, p, s in zip(top, given, predicted, scores)]
+        self.reporter.log_text(f"{self.tag}/flagged",
+                               markdown_table(["train index", "given label", "predicted", "score"], rows))
+        if not self._is_global_zero():
+            return
+        x = torch.cat([b[0].cpu() for b in ProbeData(probe.dataset, top, len(top), self.batch_to_xy).batches("cpu")])
+        if looks_like_images(x):
+            captions = [f"#{int(i)} y={int(g)} pred={int(p)}\n{float(s):.2f}"
+                        for i, g, p, s in zip(top, given, predicted, scores)]
+            self.reporter.log_image(f"{self.tag}/flagged_gallery", image_gallery(x, captions, title="flagged"))
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {"score_sum": self._score_sum, "score_count": self._score_count, "history": list(self.history_),
+                "leaks": list(self.leaks_), "self_influence": dict(self.self_influence_),
+                "confirmed": list(self.confirmed_)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._score_sum = state.get("score_sum")
+        self._score_count = state.get("score_count")
+        self.history_ = list(state.get("history", []))
+        self.leaks_ = [tuple(x) for x in state.get("leaks", [])]
+        self.self_influence_ = dict(state.get("self_influence", {}))
+        self.confirmed_ = list(state.get("confirmed", []))
+
+
+def _has_val_source(trainer) -> bool:
+    """Whether the trainer was given validation data (dataloaders, a datamodule or the module's hook)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:  # another Lightning layout: let on_train_start's resolution decide
+        return True
+
+
+def _current_lr(trainer) -> float:
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, AttributeError):
+        return 1.0
