@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/arm.py            # full run (3 seeds, 11 noise levels)
+    PYTHONPATH=. python benchmarks/arm.py            # full run (5 seeds, 11 noise levels, ~3-5 min)
     PYTHONPATH=. python benchmarks/arm.py --quick    # 1 seed, 4 levels, for a smoke test
 
 (1) Speed: exact per-unit 1-D Wasserstein on a 512-unit layer with 2,000 samples per side, our vectorised
@@ -30,6 +30,7 @@ from scipy.stats import pearsonr, spearmanr, wasserstein_distance
 from lightning_interp.capture import select_layers
 from lightning_interp.demo import DigitsCNN, load_digits_tensors
 from lightning_interp.methods.arm import (
+    ARMCostModel,
     gaussian_noise_shift,
     measure_retraining_costs,
     record_activations,
@@ -164,6 +165,21 @@ def validity_table(seeds: list[int], levels: list[float], max_epochs: int) -> tu
         f"| ARM, pooled ({len(pooled_arm)} seed x level pairs) | {spearmanr(pooled_arm, pooled_epochs)[0]:.3f} | "
         f"{pearsonr(pooled_arm, pooled_epochs)[0]:.3f} |"
     )
+    corr_rows += ["", "| linear cost model, leave one seed out | mean abs. error (epochs) |", "|---|---|"]
+    for label, key in [("ARMCostModel on ARM", "arm"), ("same fit on accuracy drop", "acc_drop"),
+                       ("same fit on 1 - CKA", "cka"), ("constant: mean epochs of the other seeds", None)]:
+        errors = []
+        for held_out in range(len(per_seed)):
+            rest = [run for i, run in enumerate(per_seed) if i != held_out]
+            truth = np.asarray(per_seed[held_out]["epochs"], dtype=float)
+            if key is None:
+                guess = np.full_like(truth, np.mean([run["epochs"] for run in rest]))
+            else:
+                model = ARMCostModel().fit([v for run in rest for v in run[key]],
+                                           [v for run in rest for v in run["epochs"]], target="epochs")
+                guess = model.predict(per_seed[held_out][key]).numpy()
+            errors.append(np.abs(guess - truth).mean())
+        corr_rows.append(f"| {label} | {np.mean(errors):.2f} |")
     energies = [e for run in per_seed for e in run["energy"]]
     corr_rows.append(f"\nEnergy/CO2: {'measured' if all(e is not None for e in energies) else 'not measured (no tracker installed)'}.")
     return levels_rows, corr_rows
@@ -172,7 +188,7 @@ def validity_table(seeds: list[int], levels: list[float], max_epochs: int) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed and 4 noise levels")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max-epochs", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core each: SciPy is single-threaded, and the machine is shared

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/coreset.py            # add --quick for a smoke run
+    PYTHONPATH=. python benchmarks/coreset.py --threads 1    # add --quick for a smoke run
 
 1. k-center greedy on 10,000 x 512 random features: our lazy exact k-center vs the textbook loop
    (one matrix-vector product per center), same process, same data; herding timed alongside.
@@ -17,7 +17,12 @@ Run from the repository root::
    * mean activation profile: per-unit mean activation, within each layer, averaged over layers;
    * COAR: per-component attribution averaged over the probe examples (``methods.coar``).
 
-   "random" is averaged over 5 seeds (mean +- std).
+   Every selector runs plain and class-balanced; "random" is averaged over 5 seeds (mean +- std). A last
+   row gives the ceiling of per-unit ARM: the full set against itself under another noise draw.
+3. Time saved: each method on the full probe set vs on 5/10/30% of it.
+4. adaptive_coreset on per-unit ARM (target Spearman 0.9): the size each selector settles on.
+
+On a busy shared CPU pass ``--threads 1``: timings with several threads then mostly measure waiting.
 """
 
 from __future__ import annotations

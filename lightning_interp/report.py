@@ -1,7 +1,7 @@
 """Where results go: scalars to every logger, rich media to every TensorBoard logger, files otherwise.
 
 All writes happen on global rank zero only. When the trainer has no TensorBoard logger, rich media go to
-files under ``<trainer.log_dir>/lightning_interp/`` (PNG, CSV, Markdown, TSV) after one warning.
+files under ``<log dir>/lightning_interp_output/`` (PNG, CSV, Markdown, TSV) after one warning.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Reporter:
         loggers = self.trainer.loggers
         root = (getattr(loggers[0], "log_dir", None) or loggers[0].save_dir) if loggers else None
         root = root or self.trainer.default_root_dir
-        path = Path(root) / "lightning_interp"
+        path = Path(root) / "lightning_interp_output"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -121,7 +121,7 @@ def test_without_tensorboard_media_go_to_files_after_one_warning(tmp_path, datam
     with pytest.warns(InterpretationWarning, match="no TensorBoardLogger") as record:
         make_trainer(tmp_path, [cb], max_epochs=2, logger=False).fit(DigitsCNN(), datamodule)
     assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
-    files = {p.name for p in (tmp_path / "lightning_interp").iterdir()}
+    files = {p.name for p in (tmp_path / "lightning_interp_output").iterdir()}
     assert "scalars.csv" in files and any(f.startswith("probe_mean_outputs_step") for f in files)
 
 

@@ -230,7 +230,7 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("clusters")
     torch.manual_seed(0)
     cb = LayerClusters(**SMALL)
-    trainer = make_trainer(tmp_path, [cb], max_epochs=2)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4)
     dm = DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0)
     trainer.fit(DigitsCNN(), dm)
     return cb, trainer, tmp_path / "tb"
@@ -254,9 +254,14 @@ def test_callback_results_history_and_logs(trained):
     assert "clusters/fc1/label_maps" not in tags["images"]
     assert {f"clusters/{n}/weights" for n in layers} <= tags["histograms"]
     config = (logdir / "version_0" / "projector_config.pbtxt").read_text()
-    assert config.count("clusters/fc1") == 2 and "sprite" in config
-    metadata = next((logdir / "version_0").glob("*/clusters%2ffc1/metadata.tsv")).read_text().splitlines()
-    assert metadata[0].split("\t") == ["cluster", "label", "prediction", "index"] and len(metadata) == 129
+    assert config.count("clusters/fc1") == 2 and "clusters/conv1" not in config and "sprite" in config
+    metadata = sorted((logdir / "version_0").glob("*/clusters%2ffc1/metadata.tsv"))[-1].read_text().splitlines()
+    header = metadata[0].split("\t")
+    assert header == ["cluster", *[f"cluster_{n}" for n in layers], "label", "prediction", "index"]
+    assert len(metadata) == 129
+    cells = [row.split("\t") for row in metadata[1:]]
+    assert [int(c[0]) for c in cells] == cb.results_["fc1"]["labels"].tolist()
+    assert [int(c[2]) for c in cells] == cb.results_["conv2"]["labels"].tolist()
 
 
 def test_summary_table_reads_generic_and_specific_by_depth(trained):
@@ -287,11 +292,11 @@ def test_callback_does_not_disturb_training(tmp_path):
         torch.manual_seed(0)
         model = DigitsCNN()
         dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=256, seed=0)
-        make_trainer(tmp_path, callbacks, max_epochs=2, logger=False).fit(model, dm)
+        make_trainer(tmp_path, callbacks, max_epochs=2, logger=False, limit_train_batches=2).fit(model, dm)
         return model.state_dict()
 
     plain = run([])
-    with_clusters = run([LayerClusters(**SMALL, embeddings=False)])
+    with_clusters = run([LayerClusters(**SMALL, layers=["conv2", "fc1"], embeddings="none")])
     assert all(torch.equal(plain[k], with_clusters[k]) for k in plain)
 
 
@@ -314,26 +319,26 @@ class SideBranchCNN(DigitsCNN):
 
 
 def test_constant_and_nan_layers_warn_once_and_training_goes_on(tmp_path):
-    cb = LayerClusters(**{**SMALL, "strict": False}, layers=["conv1", "conv2", "side", "fc1"], embeddings=False)
+    cb = LayerClusters(**{**SMALL, "strict": False}, layers=["conv1", "conv2", "side"], embeddings="none")
     dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=256, seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, [cb], max_epochs=2).fit(SideBranchCNN(), dm)
+        make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=2).fit(SideBranchCNN(), dm)
     ours = [str(w.message) for w in caught if issubclass(w.category, InterpretationWarning)]
     side = [m for m in ours if "'side'" in m]
     assert len(side) == 1 and "NaN" in side[0]
-    assert "side" not in cb.results_ and {"conv1", "conv2", "fc1"} <= set(cb.results_)
+    assert "side" not in cb.results_ and {"conv1", "conv2"} <= set(cb.results_)
     assert cb.results_["conv2"]["n_clusters"] == 1
     collapse = [a for a in cb.alerts_ if a.metric == "clusters/conv2/n_clusters"]
     assert len(collapse) == 2 and "collapsed to one cluster" in collapse[0].message
 
 
 def test_small_probe_shrinks_truncation_with_one_warning_per_layer(tmp_path):
-    cb = LayerClusters(**{**SMALL, "probe_size": 24}, layers=["fc1"], embeddings=False)
+    cb = LayerClusters(**{**SMALL, "probe_size": 24}, layers=["fc1"], embeddings="none")
     dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=256, seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, [cb], max_epochs=2, logger=False).fit(DigitsCNN(), dm)
+        make_trainer(tmp_path, [cb], max_epochs=2, logger=False, limit_train_batches=2).fit(DigitsCNN(), dm)
     shrink = [w for w in caught if "truncation shrunk to 6" in str(w.message)]
     assert len(shrink) == 1 and "'fc1'" in str(shrink[0].message)
     assert len(cb.results_["fc1"]["weights"]) == 6
@@ -348,6 +353,7 @@ def test_small_probe_shrinks_truncation_with_one_warning_per_layer(tmp_path):
         ({"max_dims": 0}, "max_dims"),
         ({"label_map_images": -1}, "label_map_images"),
         ({"max_change": 0.0}, "max_change"),
+        ({"embeddings": "some"}, "embeddings"),
         ({"covariance_type": "banana"}, "covariance_type"),
         ({"every_n_epochs": -1}, "every_n_epochs"),
     ],

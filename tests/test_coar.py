@@ -305,7 +305,10 @@ def _fit_demo(tmp_path, callbacks, max_epochs=2, checkpoint=True):
 
     torch.manual_seed(0)
     extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)] if checkpoint else []
-    trainer = make_trainer(tmp_path, [*callbacks, *extra], max_epochs=max_epochs, enable_checkpointing=checkpoint)
+    trainer = make_trainer(
+        tmp_path, [*callbacks, *extra], max_epochs=max_epochs, enable_checkpointing=checkpoint, limit_train_batches=2,
+        limit_val_batches=1,
+    )
     model = DigitsCNN()
     trainer.fit(model, DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=128))
     return model
@@ -314,27 +317,28 @@ def _fit_demo(tmp_path, callbacks, max_epochs=2, checkpoint=True):
 def _small_callback(**kwargs):
     from lightning_interp import ComponentAttribution
 
-    return ComponentAttribution(
-        layers=["conv1", "fc1"], n_masks=120, n_eval_masks=20, probe_size=10, every_n_epochs=1, strict=True, **kwargs
-    )
+    kwargs.setdefault("every_n_epochs", 1)
+    return ComponentAttribution(layers=["conv1", "fc1"], n_masks=120, n_eval_masks=20, probe_size=10, strict=True, **kwargs)
 
 
 def test_callback_at_checkpoints_logs_saves_alerts_and_leaves_training_alone(tmp_path):
     from conftest import read_scalars, read_tags
 
-    callback = _small_callback(min_correlation=0.999, dominance_threshold=0.01)
-    with_callback = _fit_demo(tmp_path / "a", [callback])
-    without = _fit_demo(tmp_path / "b", [])
+    callback = _small_callback(min_correlation=0.999, dominance_threshold=0.01, every_n_epochs=2)
+    with_callback = _fit_demo(tmp_path / "a", [callback], max_epochs=4)
+    without = _fit_demo(tmp_path / "b", [], max_epochs=4)
     assert all(torch.equal(a, b) for a, b in zip(with_callback.state_dict().values(), without.state_dict().values()))
 
     assert callback.attributions_.shape == (10, 16 + 64) and callback.component_names_[16] == "fc1[0]"
-    assert -1 <= callback.correlation_ <= 1 and len(callback.history_) == 2
+    assert -1 <= callback.correlation_ <= 1
+    assert [h["epoch"] for h in callback.history_] == [1, 3]  # a checkpoint every epoch, a run every 2
     ckpts = sorted((tmp_path / "a" / "ckpt").glob("*.ckpt"))
     saved = sorted((tmp_path / "a" / "ckpt").glob("*.components.pt"))
-    assert [p.name.replace(".components.pt", ".ckpt") for p in saved] == [p.name for p in ckpts]
+    assert len(ckpts) == 4
+    assert [p.name for p in saved] == [c.name.replace(".ckpt", ".components.pt") for c in ckpts if "epoch=1" in c.name or "epoch=3" in c.name]
     record = torch.load(saved[-1])
     assert torch.equal(record["attributions"], callback.attributions_)
-    assert record["component_names"] == callback.component_names_ and record["epoch"] == 1
+    assert record["component_names"] == callback.component_names_ and record["epoch"] == 3
     assert torch.equal(record["dataset_indices"], callback.probe_indices_)
     # the state saved inside the checkpoint already holds this run
     state = torch.load(ckpts[-1], weights_only=False)["callbacks"][callback.state_key]
@@ -356,7 +360,8 @@ def test_callback_without_checkpoints_runs_every_n_epochs_and_restores_state(tmp
     with pytest.warns(InterpretationWarning, match="no ModelCheckpoint"):
         _fit_demo(tmp_path, [callback], max_epochs=1, checkpoint=False)
     files = list((tmp_path / "tb" / "version_0" / "component_attributions").glob("*.components.pt"))
-    assert [f.name for f in files] == ["epoch=0-step=8.components.pt"]
+    assert [f.name for f in files] == [f"epoch=0-step={callback.history_[0]['step']}.components.pt"]
+    assert callback.history_[0]["step"] > 0 and callback.history_[0]["files"] == [str(files[0])]
     restored = _small_callback()
     restored.load_state_dict(callback.state_dict())
     assert restored.history_ == callback.history_

@@ -40,11 +40,12 @@ class ARMDrift(InterpretationCallback):
         jump_factor: alert when the aggregate ARM exceeds ``jump_factor`` times the median of the last
             ``median_window`` values (needs 3 of them; ``None``: off).
         median_window: how many past values the running median spans.
-        settle_tolerance: a layer has settled when its ARM, relative to its activation spread (the mean
-            per-unit standard deviation on the reference), stays below this for ``settle_epochs`` analyses.
+        settle_tolerance: a layer has settled when its ARM stays at or below this fraction of the largest ARM
+            it has shown in this run, for ``settle_epochs`` analyses in a row (made for ``reference="previous"``:
+            its epoch-to-epoch drift has decayed to a small part of its peak).
         settle_epochs: see ``settle_tolerance``.
-        plot_every_n_epochs: also log the layers x epochs heat map every n analysed epochs (``None``: only
-            at the end of training; rendering costs ~0.1-0.3 s).
+        plot_every_n_epochs: also log the layers x epochs heat map (each layer's ARM over its peak) every n
+            analysed epochs (``None``: only at the end of training; a render costs ~0.1-0.3 s).
         keep_reference_in_checkpoint: store the reference activations in ``state_dict`` (probe size x units
             floats per layer) so a resumed run continues drift against the same reference.
         **kwargs: the base options (``every_n_epochs``, ``probe``, ``probe_size``, ``layers``, ``alert_action``,
@@ -52,8 +53,8 @@ class ARMDrift(InterpretationCallback):
 
     Attributes:
         history_: one record per analysed epoch with a reference: ``epoch``, ``reference_epoch``,
-            ``aggregate``, ``per_layer`` (``{layer: ARM_l}``), ``relative`` (``ARM_l`` / spread) and, with
-            ``shift_data``, ``shift_aggregate`` and ``shift_per_layer``.
+            ``aggregate``, ``per_layer`` (``{layer: ARM_l}``) and, with ``shift_data``, ``shift_aggregate`` and
+            ``shift_per_layer``.
         settled_layers_: layers whose drift has stayed below ``settle_tolerance`` — candidates to freeze.
         reference_epoch_: the epoch the current reference activations come from (``None`` before any).
     """
@@ -69,7 +70,7 @@ class ARMDrift(InterpretationCallback):
         shift_threshold: float | None = None,
         jump_factor: float | None = 3.0,
         median_window: int = 5,
-        settle_tolerance: float = 0.02,
+        settle_tolerance: float = 0.25,
         settle_epochs: int = 3,
         plot_every_n_epochs: int | None = None,
         keep_reference_in_checkpoint: bool = True,
@@ -94,8 +95,8 @@ class ARMDrift(InterpretationCallback):
             raise ValueError(f"jump_factor must be > 1 or None, got {jump_factor!r}")
         if median_window < 1 or settle_epochs < 1:
             raise ValueError(f"median_window and settle_epochs must be >= 1, got {median_window}, {settle_epochs}")
-        if not settle_tolerance >= 0:
-            raise ValueError(f"settle_tolerance must be >= 0, got {settle_tolerance!r}")
+        if not 0 <= settle_tolerance <= 1:
+            raise ValueError(f"settle_tolerance must be a fraction in [0, 1], got {settle_tolerance!r}")
         if plot_every_n_epochs is not None and plot_every_n_epochs < 1:
             raise ValueError(f"plot_every_n_epochs must be >= 1 or None, got {plot_every_n_epochs}")
         if shift_data is not None and not isinstance(shift_data, (Dataset, DataLoader)):
@@ -117,6 +118,7 @@ class ARMDrift(InterpretationCallback):
         self.reference_epoch_: int | None = None
         self._reference: dict[str, Tensor] | None = None  # sorted [n, units] per layer
         self._streaks: dict[str, int] = {}
+        self._peaks: dict[str, float] = {}
         self._checked_shapes = False
 
     @property
@@ -142,13 +144,11 @@ class ARMDrift(InterpretationCallback):
             return
         result = arm_from_activations(self._reference, current, warn_skipped=False, assume_sorted=True)
         self._warn_skipped(result, "the probe")
-        spread = {name: _spread(self._reference[name]) for name in result.per_layer}
         record: dict[str, Any] = {
             "epoch": epoch,
             "reference_epoch": self.reference_epoch_,
             "aggregate": result.aggregate,
             "per_layer": dict(result.per_layer),
-            "relative": {n: v / spread[n] if spread[n] > 0 else float("inf") for n, v in result.per_layer.items()},
         }
         if shift is not None:
             self._log_shift(trainer, shift, record)
@@ -222,9 +222,11 @@ class ARMDrift(InterpretationCallback):
                                f"layer {name} moved by ARM {layer_value:.4g} since epoch {record['reference_epoch']}")
 
     def _update_settled(self, trainer, record: dict[str, Any]) -> None:
-        for name, relative in record["relative"].items():
-            self._streaks[name] = self._streaks.get(name, 0) + 1 if relative < self.settle_tolerance else 0
-        settled = [name for name in record["relative"] if self._streaks[name] >= self.settle_epochs]
+        for name, value in record["per_layer"].items():
+            self._peaks[name] = max(self._peaks.get(name, 0.0), value)
+            low = value <= self.settle_tolerance * self._peaks[name]
+            self._streaks[name] = self._streaks.get(name, 0) + 1 if low else 0
+        settled = [name for name in record["per_layer"] if self._streaks[name] >= self.settle_epochs]
         if settled != self.settled_layers_:
             self.reporter.log_text(
                 f"{self.tag}/settled_layers",
@@ -262,16 +264,17 @@ class ARMDrift(InterpretationCallback):
 
         layers = list(dict.fromkeys(n for r in self.history_ for n in r["per_layer"]))
         matrix = torch.tensor(
-            [[r["per_layer"].get(n, float("nan")) for r in self.history_] for n in layers], dtype=torch.float32
+            [[r["per_layer"].get(n, float("nan")) for r in self.history_] for n in layers], dtype=torch.float64
         )
-        image = heatmap(matrix, layers, [str(r["epoch"]) for r in self.history_],
-                        title=f"ARM per layer vs {self.reference} reference", value_label="ARM_l")
+        peaks = torch.nan_to_num(matrix, nan=0.0).amax(dim=1, keepdim=True).clamp_min(1e-30)
+        image = heatmap(matrix / peaks, layers, [str(r["epoch"]) for r in self.history_],
+                        title=f"ARM per layer / its peak (reference: {self.reference})", value_label="ARM_l / peak")
         self.reporter.log_image(f"{self.tag}/per_layer", image)
+        last = self.history_[-1]["per_layer"]
         self.reporter.log_text(
             f"{self.tag}/summary",
-            markdown_table(["layer", "last ARM_l", "relative", "settled"],
-                           [[n, self.history_[-1]["per_layer"].get(n, float("nan")),
-                             self.history_[-1]["relative"].get(n, float("nan")), n in self.settled_layers_]
+            markdown_table(["layer", "last ARM_l", "peak ARM_l", "settled"],
+                           [[n, last.get(n, float("nan")), self._peaks.get(n, float("nan")), n in self.settled_layers_]
                             for n in layers]),
         )
 
@@ -294,6 +297,7 @@ class ARMDrift(InterpretationCallback):
             "history": [dict(r) for r in self.history_],
             "settled_layers": list(self.settled_layers_),
             "streaks": dict(self._streaks),
+            "peaks": dict(self._peaks),
             "reference_epoch": self.reference_epoch_,
         }
         if self.keep_reference_in_checkpoint and self._reference is not None:
@@ -304,16 +308,12 @@ class ARMDrift(InterpretationCallback):
         self.history_ = [dict(r) for r in state.get("history", [])]
         self.settled_layers_ = list(state.get("settled_layers", []))
         self._streaks = dict(state.get("streaks", {}))
+        self._peaks = dict(state.get("peaks", {}))
         self.reference_epoch_ = state.get("reference_epoch")
         reference = state.get("reference_activations")
         self._reference = dict(reference) if reference is not None else None
         if self._reference is None:
             self.reference_epoch_ = None
-
-
-def _spread(sorted_acts: Tensor) -> float:
-    """Mean per-unit standard deviation: the scale against which a layer's ARM is judged settled."""
-    return float(sorted_acts.double().std(dim=0, unbiased=False).mean()) if len(sorted_acts) > 1 else 0.0
 
 
 def _input_shape(probe: ProbeData) -> tuple[int, ...]:

@@ -320,9 +320,8 @@ class InterpretationCallback(Callback):
         from ..methods.coreset import fidelity, resolve_size, select_coreset
 
         size = resolve_size(len(full), self.probe_size)
-        if self.probe_selector == "random" and not self.probe_balance:
-            gen = torch.Generator().manual_seed(self.seed + trainer.current_epoch)
-            positions = torch.randperm(len(full), generator=gen)[:size]
+        if self.probe_selector == "random" and not self.probe_balance:  # needs no forward pass
+            positions = select_coreset("random", size, n_total=len(full), seed=self.seed + trainer.current_epoch)
         else:
             outs = self.forward_probe(trainer, pl_module, full, features=True)
             positions = select_coreset(

@@ -14,11 +14,19 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
-from ..methods.dpgmm import INIT_METHODS, SCALES, ClusterFit, colorize_labels, fit_dpgmm, fit_label_maps
+from ..methods.dpgmm import (
+    INIT_METHODS,
+    SCALES,
+    ClusterFit,
+    colorize_labels,
+    fit_dpgmm,
+    fit_label_maps,
+    single_threaded,
+)
 from ..plots import looks_like_images
 from ..probe import ProbeData, ProbeOutputs, run_probe
 from ..report import markdown_table
-from .base import InterpretationCallback
+from .base import InterpretationCallback, ProbeSource
 
 #: NMI with the classes below which a layer reads as "generic", and above which as "class-specific".
 GENERIC_BELOW, SPECIFIC_ABOVE = 0.3, 0.6
@@ -35,7 +43,7 @@ class LayerClusters(InterpretationCallback):
       ``label_map_fit_images`` probe images gives the paper's label maps, shown for ``label_map_images``
       images next to the input;
     * the pooled activations go to TensorBoard's projector with ``cluster``, ``label``, ``prediction`` and
-      ``index`` columns (and input thumbnails when the inputs are images).
+      ``index`` columns (and input thumbnails when the inputs are images); see ``embeddings``.
 
     Args:
         every_n_epochs: run at the end of every n-th training epoch.
@@ -53,7 +61,9 @@ class LayerClusters(InterpretationCallback):
         label_map_images: label maps shown per conv layer (0 disables the label maps).
         label_map_fit_images: images whose positions are pooled into one per-position fit.
         max_label_map_positions: positions the per-position fit sees at most (all are then assigned).
-        embeddings: write the projector embedding of every layer's pooled activations.
+        embeddings: projector embeddings of the pooled activations: ``"last"`` (the deepest analysed layer),
+            ``"all"`` (one per layer) or ``"none"``. Columns: ``cluster`` (that layer's), ``cluster_<layer>`` for
+            every layer, ``label``, ``prediction``, ``index`` (dataset index).
         max_change: alert when the cluster count of a layer changes by more than this fraction between two
             runs (and by at least 2 clusters); ``None`` disables it.
         collapse_alert: alert when a layer uses a single cluster.
@@ -74,7 +84,7 @@ class LayerClusters(InterpretationCallback):
         self,
         *,
         every_n_epochs: int = 5,
-        probe: Any = "train",
+        probe: ProbeSource = "train",
         probe_size: Union[int, float, None] = 512,
         truncation: int = 50,
         concentration: float = 1.0,
@@ -82,13 +92,13 @@ class LayerClusters(InterpretationCallback):
         scale: str = "global",
         max_dims: int = 8,
         weight_cutoff: float = 0.01,
-        max_iter: int = 200,
+        max_iter: int = 100,
         n_init: int = 1,
         init_params: str = "kmeans",
         label_map_images: int = 4,
-        label_map_fit_images: int = 16,
+        label_map_fit_images: int = 8,
         max_label_map_positions: int = 1024,
-        embeddings: bool = True,
+        embeddings: str = "last",
         max_change: float | None = 0.5,
         collapse_alert: bool = True,
         **kwargs: Any,
@@ -113,6 +123,8 @@ class LayerClusters(InterpretationCallback):
             raise ValueError(f"label_map_images must be an int >= 0, got {label_map_images!r}")
         if not 0 <= weight_cutoff < 1:
             raise ValueError(f"weight_cutoff must be in [0, 1), got {weight_cutoff!r}")
+        if embeddings not in ("last", "all", "none"):
+            raise ValueError(f"embeddings must be 'last', 'all' or 'none', got {embeddings!r}")
         if max_change is not None and not max_change > 0:
             raise ValueError(f"max_change must be > 0 or None, got {max_change!r}")
         self.fit_options = dict(
@@ -131,6 +143,12 @@ class LayerClusters(InterpretationCallback):
 
     # -- one run -------------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
+        if pl_module.device.type == "cpu":
+            with single_threaded():  # small work: one thread is faster, and leaves the cores to training
+                return self._compute(trainer, pl_module, probe)
+        return self._compute(trainer, pl_module, probe)
+
+    def _compute(self, trainer, pl_module, probe: ProbeData) -> None:
         layers = self.select_layers(pl_module)
         outs = self.forward_probe(trainer, pl_module, probe, layers)
         classes = _class_labels(outs)
@@ -156,7 +174,7 @@ class LayerClusters(InterpretationCallback):
                                   "ari": fit.ari, "position_clusters": results[name]["position_clusters"]})
             self._log_layer(name, fit, position_fit, label_maps, inputs)
         self.results_.update(results)
-        if self.embeddings and results:
+        if self.embeddings != "none" and results:
             self._log_embeddings(probe, outs, results)
         if results:
             self.reporter.log_text(f"{self.tag}/summary", self.summary_table(results, layers))
@@ -164,18 +182,20 @@ class LayerClusters(InterpretationCallback):
 
     def _fit(self, layer: str, kind: str, method, values, *args):
         """Run one fit; its warnings become one warning per layer and kind, a failure skips the layer."""
+        extra = {"max_fit_rows": self.max_label_map_positions} if kind == "positions" else {}
+        result, error = None, None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                extra = {"max_fit_rows": self.max_label_map_positions} if kind == "positions" else {}
-                return method(values, *args, **self.fit_options, **extra)
+                result = method(values, *args, **self.fit_options, **extra)
             except ValueError as err:
-                self.warn_once(f"skip:{layer}:{kind}", f"{type(self).__name__}: layer {layer!r} ({kind}) skipped: {err}")
-                return None
-            finally:
-                for w in caught:
-                    self.warn_once(f"{layer}:{kind}:{str(w.message)[:40]}",
-                                   f"{type(self).__name__}: layer {layer!r} ({kind}): {w.message}")
+                error = err
+        for w in caught:
+            self.warn_once(f"{layer}:{kind}:{str(w.message)[:40]}",
+                           f"{type(self).__name__}: layer {layer!r} ({kind}): {w.message}")
+        if error is not None:
+            self.warn_once(f"skip:{layer}:{kind}", f"{type(self).__name__}: layer {layer!r} ({kind}) skipped: {error}")
+        return result
 
     def _label_map_activations(self, pl_module, probe: ProbeData, layers):
         """Unpooled maps ``[B, C, *spatial]`` of the conv layers for the first probe images, and the shown inputs."""
@@ -204,18 +224,26 @@ class LayerClusters(InterpretationCallback):
             self.reporter.log_image(f"{self.tag}/{name}/label_maps", label_map_panel(shown, inputs))
 
     def _log_embeddings(self, probe: ProbeData, outs: ProbeOutputs, results) -> None:
+        """Projector points of the deepest layer (or every layer); columns: each layer's cluster, label, prediction."""
+        n = len(outs.indices)
         predictions = outs.outputs.argmax(1).tolist() if outs.outputs.dim() == 2 and outs.outputs.shape[1] > 1 else None
         labels = outs.labels.tolist() if outs.labels is not None and outs.labels.dim() == 1 else None
+        names = list(results)
+        columns = [
+            ("cluster", results[names[-1]]["labels"].tolist()),
+            *[(f"cluster_{name}", results[name]["labels"].tolist()) for name in names],
+            ("label", labels or ["n/a"] * n),
+            ("prediction", predictions or ["n/a"] * n),
+            ("index", outs.indices.tolist()),
+        ]
+        header = [title for title, _ in columns]
+        rows = [list(row) for row in zip(*(values for _, values in columns))]
         thumbnails = _thumbnails(probe, outs.indices)
-        for name, result in results.items():
-            rows = [
-                [int(c), "n/a" if labels is None else labels[i], "n/a" if predictions is None else predictions[i],
-                 int(outs.indices[i])]
-                for i, c in enumerate(result["labels"].tolist())
-            ]
+        for name in names if self.embeddings == "all" else names[-1:]:
+            rows_here = [[r[header.index(f"cluster_{name}")], *r[1:]] for r in rows]
             self.reporter.log_embedding(
-                f"{self.tag}/{name}", outs.activations[name].flatten(1).nan_to_num(), metadata=rows,
-                metadata_header=["cluster", "label", "prediction", "index"], label_img=thumbnails,
+                f"{self.tag}/{name}", outs.activations[name].flatten(1).nan_to_num(), metadata=rows_here,
+                metadata_header=header, label_img=thumbnails,
             )
 
     def summary_table(self, results: dict[str, dict[str, Any]], layers) -> str:

@@ -8,6 +8,7 @@ Scores are averaged over the scheduled epochs: one snapshot is noisy, the averag
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal, Union
 
 import torch
@@ -27,7 +28,7 @@ from ..methods.mirrored import (
     trained_copy,
 )
 from ..plots import image_gallery, looks_like_images
-from ..probe import ProbeData, ProbeDataError, evaluation_mode, model_device
+from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device
 from ..report import markdown_table
 from .base import InterpretationCallback, resolve_dataset
 
@@ -117,6 +118,7 @@ class MirroredInfluence(InterpretationCallback):
         self._score_sum: Tensor | None = None
         self._score_count: Tensor | None = None
         self._trusted_xy: tuple[Tensor, Tensor] | None = None
+        self._last_flagged: tuple[Tensor, ...] | None = None
 
     # -- results ---------------------------------------------------------------------------------------
     @property
@@ -160,13 +162,11 @@ class MirroredInfluence(InterpretationCallback):
 
     # -- one scheduled run -----------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
-        import time
-
         start = time.perf_counter()
         if self._trusted_xy is None:
             self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
         want_features = self.leak_queries is not None
-        outs = self.forward_probe(trainer, pl_module, probe, features=want_features)
+        outs = _sorted_by_index(self.forward_probe(trainer, pl_module, probe, features=want_features))
         labels = outs.require_class_labels("MirroredInfluence")
         scores = self._mirrored_scores(trainer, pl_module, probe, outs.outputs, labels)
         self._accumulate(probe.dataset_size, outs.indices, scores)
@@ -191,8 +191,8 @@ class MirroredInfluence(InterpretationCallback):
             for x, y, idx in shard.batches(device):
                 after.append(per_sample_loss(pl_module, updated, buffers, x, y).float().cpu())
                 index.append(idx)
-        after_all, order = gather_by_index(trainer.strategy, torch.cat(after), torch.cat(index))
-        return after_all - before  # forward_probe rows are sorted by dataset index, as gather_by_index's
+        after_all, _ = gather_by_index(trainer.strategy, torch.cat(after), torch.cat(index))
+        return after_all - before  # both sorted by dataset index
 
     def _accumulate(self, size: int, indices: Tensor, scores: Tensor) -> None:
         if self._score_sum is None or len(self._score_sum) != size:
@@ -249,7 +249,7 @@ class MirroredInfluence(InterpretationCallback):
         self.reporter.log_scalars(metrics)
         self.reporter.log_histogram(f"{self.tag}/scores", scores[scores.isfinite()])
         if self.log_top_k and len(flagged):
-            self._log_flagged(pl_module, probe, outs, flagged[: self.log_top_k])
+            self._log_flagged(outs, flagged[: self.log_top_k])
         if self.leaks_:
             rows = [[qi, ti, f"{v:.4f}"] for qi, ti, v in self.leaks_[: self.log_top_k]]
             self.reporter.log_text(f"{self.tag}/leaks", markdown_table(["query", "train index", "influence"], rows))
@@ -258,21 +258,30 @@ class MirroredInfluence(InterpretationCallback):
                        f"{len(flagged)} of {scored} training samples look mislabeled (mean mirrored loss "
                        f"increase > {self.threshold:g}); see {self.tag}/flagged and flagged_")
 
-    def _log_flagged(self, pl_module, probe: ProbeData, outs, top: Tensor) -> None:
+    def _log_flagged(self, outs: ProbeOutputs, top: Tensor) -> None:
+        top = top[torch.isin(top, outs.indices)]
         position = torch.searchsorted(outs.indices, top)  # outs rows are sorted by dataset index
-        given = outs.labels[position]
-        predicted = outs.outputs[position].argmax(1)
-        scores = self.scores_[top]
-        rows = [[int(i), int(g), int(p), f"{float(s):.3f}"] for i, g, p, s in zip(top, given, predicted, scores)]
+        self._last_flagged = (top, outs.labels[position], outs.outputs[position].argmax(1), self.scores_[top])
+        rows = [[int(i), int(g), int(p), f"{float(s):.3f}"] for i, g, p, s in zip(*self._last_flagged)]
         self.reporter.log_text(f"{self.tag}/flagged",
                                markdown_table(["train index", "given label", "predicted", "score"], rows))
-        if not self._is_global_zero():
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The image gallery of the top flagged samples, once (rendering costs ~0.5 s)."""
+        if self._last_flagged is None or self.probe_ is None or not self._is_global_zero():
             return
-        x = torch.cat([b[0].cpu() for b in ProbeData(probe.dataset, top, len(top), self.batch_to_xy).batches("cpu")])
-        if looks_like_images(x):
-            captions = [f"#{int(i)} y={int(g)} pred={int(p)}\n{float(s):.2f}"
-                        for i, g, p, s in zip(top, given, predicted, scores)]
-            self.reporter.log_image(f"{self.tag}/flagged_gallery", image_gallery(x, captions, title="flagged"))
+        top, given, predicted, scores = self._last_flagged
+        try:
+            x = torch.cat([b[0].cpu() for b in ProbeData(self.probe_.dataset, top, len(top), self.batch_to_xy).batches()])
+            if looks_like_images(x):
+                captions = [f"#{int(i)} y={int(g)} pred={int(p)}\n{float(s):.2f}"
+                            for i, g, p, s in zip(top, given, predicted, scores)]
+                self.reporter.log_image(f"{self.tag}/flagged_gallery",
+                                        image_gallery(x, captions, title="top flagged: given label y, predicted"))
+        except Exception as err:  # logging must never end training
+            if self.strict:
+                raise
+            self.warn_once("gallery", f"MirroredInfluence could not log the flagged gallery: {err}")
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
@@ -287,6 +296,15 @@ class MirroredInfluence(InterpretationCallback):
         self.leaks_ = [tuple(x) for x in state.get("leaks", [])]
         self.self_influence_ = dict(state.get("self_influence", {}))
         self.confirmed_ = list(state.get("confirmed", []))
+
+
+def _sorted_by_index(outs: ProbeOutputs) -> ProbeOutputs:
+    order = outs.indices.argsort()
+    if torch.equal(order, torch.arange(len(order))):
+        return outs
+    pick = lambda t: t[order] if t is not None else None  # noqa: E731
+    return ProbeOutputs(outs.outputs[order], pick(outs.labels), outs.indices[order],
+                        {n: a[order] for n, a in outs.activations.items()}, pick(outs.features))
 
 
 def _has_val_source(trainer) -> bool:

@@ -63,7 +63,10 @@ __all__ = [
     "copy_model",
     "margins",
     "sample_keep_masks",
+    "iter_margins",
     "margins_under_masks",
+    "NormalEquations",
+    "solve_attributions",
     "fit_attributions",
     "leave_one_out_attributions",
     "grad_times_param_attributions",
@@ -439,13 +442,41 @@ def _mask_sampler(n_components: int, alpha: float, seed: int) -> Callable[[int, 
 # ------------------------------------------------------------------------------------------------------ fit
 
 
-def _solve_normal_equations(gram: Tensor, rhs: Tensor, ridge: float) -> Tensor:
-    """Least-squares solution of the accumulated ``X^T X w = X^T y`` (min-norm if rank-deficient)."""
-    if ridge > 0:
-        reg = torch.full((gram.shape[0],), ridge, dtype=gram.dtype, device=gram.device)
-        reg[0] = 0  # the intercept is not shrunk
-        gram = gram + torch.diag(reg)
-    return torch.linalg.pinv(gram, hermitian=True) @ rhs
+class NormalEquations:
+    """Running ``X^T X`` and ``X^T F`` (float64) of the design ``X = [1, V]`` and margins ``F``, chunk by chunk.
+
+    Memory is ``O(N^2 + N n)`` whatever the number of masks; :meth:`solve` gives the least-squares fit.
+    """
+
+    def __init__(self, n_components: int, n_examples: int, device: torch.device | str = "cpu") -> None:
+        self.gram = torch.zeros(n_components + 1, n_components + 1, dtype=torch.float64, device=device)
+        self.rhs = torch.zeros(n_components + 1, n_examples, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, keep: Tensor, margins: Tensor) -> None:
+        """Fold in keep masks ``[m, N]`` and the margins ``[m, n]`` they produced."""
+        design = torch.cat([torch.ones(len(keep), 1), keep.double().cpu()], dim=1).to(self.gram.device)
+        self.gram += design.T @ design
+        self.rhs += design.T @ margins.double().to(self.gram.device)
+        self.count += len(keep)
+
+    def solve(self, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
+        """``(W [n, N], b [n])`` minimising ``mean_v (b + W v - f(v))^2 + ridge ||W||^2`` (min-norm if singular)."""
+        gram = self.gram
+        if ridge > 0:
+            penalty = torch.full((gram.shape[0],), ridge * self.count, dtype=gram.dtype, device=gram.device)
+            penalty[0] = 0  # the intercept is not shrunk
+            gram = gram + torch.diag(penalty)
+        solution = torch.linalg.pinv(gram, hermitian=True) @ self.rhs
+        return solution[1:].T.float().cpu(), solution[0].float().cpu()
+
+
+def solve_attributions(keep: Tensor, margins: Tensor, ridge: float = 0.0, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Least-squares attributions from already collected keep masks ``[m, N]`` and margins ``[m, n]``."""
+    normal = NormalEquations(keep.shape[1], margins.shape[1], margins.device)
+    for start in range(0, len(keep), chunk):
+        normal.add(keep[start : start + chunk], margins[start : start + chunk])
+    return normal.solve(ridge)
 
 
 def fit_attributions(
@@ -470,17 +501,11 @@ def fit_attributions(
     _check_alpha(alpha)
     if n_masks < 2:
         raise ValueError(f"n_masks must be >= 2, got {n_masks}")
-    device = _model_device(model)
-    n = len(components) + 1
-    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    rhs = torch.zeros(n, len(x), dtype=torch.float64, device=device)
+    normal = NormalEquations(len(components), len(x), _model_device(model))
     sampler = _mask_sampler(len(components), alpha, seed)
     for keep, marg in iter_margins(model, components, x, y, sampler, n_masks, max_batch_size, progress):
-        design = torch.cat([torch.ones(len(keep), 1), keep.double()], dim=1).to(device)
-        gram += design.T @ design
-        rhs += design.T @ marg.double()
-    solution = _solve_normal_equations(gram, rhs, ridge * n_masks)
-    return solution[1:].T.float().cpu(), solution[0].float().cpu()
+        normal.add(keep, marg)
+    return normal.solve(ridge)
 
 
 def leave_one_out_attributions(

@@ -35,6 +35,7 @@ __all__ = [
     "AdaptiveResult",
     "adaptive_coreset",
     "average_ranks",
+    "balanced_quotas",
     "fidelity",
     "herding",
     "kcenter_greedy",
@@ -204,7 +205,10 @@ def _herding_loop(features: Tensor, size: int) -> Tensor:
 
 
 def uncertainty_scores(logits: Tensor, measure: str = "entropy") -> Tensor:
-    """Per-sample uncertainty of the predictions, higher = more uncertain (Coleman et al. 2020, Eq. 1-3).
+    """Per-sample uncertainty of the predictions, higher = more uncertain.
+
+    The three classic active-learning scores (Settles 2009, Sec. 3.1), as used for data selection by
+    Coleman et al. 2020 ("Selection via Proxy") and DeepCore (Guo et al. 2022):
 
     ``entropy``: ``-sum_c p_c log p_c``; ``margin``: ``1 - (p_(1) - p_(2))`` (top-two gap);
     ``least_confidence``: ``1 - max_c p_c``. ``p = softmax(logits)``.

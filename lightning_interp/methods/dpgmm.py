@@ -28,6 +28,7 @@ in scikit-learn on CPU, float64, seeded by ``seed`` only (torch's and numpy's gl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import BayesianGaussianMixture
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "ClusterFit",
@@ -49,6 +50,7 @@ __all__ = [
     "fit_label_maps",
     "cluster_agreement",
     "cluster_palette",
+    "single_threaded",
     "colorize_labels",
 ]
 
@@ -152,7 +154,7 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
         warnings.warn(
             f"{n_bad} of {len(x)} activation rows contain NaN or inf; they are skipped (cluster id -1)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return finite
 
@@ -192,7 +194,7 @@ def fit_dpgmm(
     scale: str = "global",
     max_dims: int = 8,
     weight_cutoff: float = DEFAULT_WEIGHT_CUTOFF,
-    max_iter: int = 200,
+    max_iter: int = 100,
     init_params: str = "kmeans",
     n_init: int = 1,
     max_fit_rows: int | None = None,
@@ -225,6 +227,13 @@ def fit_dpgmm(
     Returns:
         A :class:`ClusterFit`; tensors on CPU.
     """
+    with single_threaded():
+        return _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims, weight_cutoff,
+                    max_iter, init_params, n_init, max_fit_rows, seed)
+
+
+def _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims, weight_cutoff, max_iter,
+         init_params, n_init, max_fit_rows, seed) -> ClusterFit:
     _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init,
               scale)
     if x.dim() != 2:
@@ -248,7 +257,7 @@ def fit_dpgmm(
             f"{len(rows)} samples are fewer than truncation={truncation} components; truncation shrunk to "
             f"{n_components} ({MIN_ROWS_PER_COMPONENT} samples per component)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
     reduced, kept = pca_reduce(scaled, max_dims)
@@ -263,8 +272,7 @@ def fit_dpgmm(
         init_params=init_params,
         random_state=seed,
     )
-    # One thread: at these sizes BLAS/OpenMP start-up costs ~10x the work, and training keeps its cores.
-    with threadpool_limits(1), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning is reported in ``converged`` instead
         mixture.fit(_fit_rows(features, max_fit_rows, n_components, seed))
         assigned = mixture.predict(features)
@@ -277,6 +285,27 @@ def fit_dpgmm(
     return _finish(labels, weights[order], classes, n_components=n_components, n_dims=features.shape[1],
                    kept=kept, converged=bool(mixture.converged_), n_iter=int(mixture.n_iter_),
                    weight_cutoff=weight_cutoff, constant=False)
+
+
+_THREADPOOLS: ThreadpoolController | None = None
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """One CPU thread for torch, BLAS and OpenMP inside, restored after (a context manager).
+
+    At these sizes thread start-up and spinning cost more than the work (10-50x on a busy machine), and the
+    training run keeps its cores."""
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        _THREADPOOLS = ThreadpoolController()
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _THREADPOOLS.limit(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 def _fit_rows(features: np.ndarray, max_fit_rows: int | None, n_components: int, seed: int) -> np.ndarray:

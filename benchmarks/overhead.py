@@ -1,0 +1,96 @@
+"""What all four callbacks at their defaults add to the demo's training wall time.
+
+    python benchmarks/overhead.py --pairs 3 --epochs 20 [--profile]
+
+Trains the demo CNN alternately without and with ``ARMDrift, MirroredInfluence, ComponentAttribution,
+LayerClusters`` (all defaults), same seed and data, and prints each pair's times and the median ratio.
+With ``--profile`` one more run with the callbacks goes under pyinstrument and the callbacks' top frames are
+printed. Each callback's own share comes from timing its hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+
+from lightning_interp._lightning import Callback, pl
+from lightning_interp.demo import DigitsCNN, DigitsDataModule
+from lightning_interp.demo.__main__ import build_trainer, default_callbacks
+
+HOOKS = ("on_train_epoch_end", "on_validation_end", "on_save_checkpoint", "on_fit_end", "on_train_end", "setup")
+
+
+class HookTimer(Callback):
+    """Not a callback of the benchmark: wraps the others' hooks to attribute time to each."""
+
+    def __init__(self, callbacks):
+        self.seconds = defaultdict(float)
+        for cb in callbacks:
+            for hook in HOOKS:
+                original = getattr(cb, hook, None)
+                if original is not None:
+                    setattr(cb, hook, self._timed(type(cb).__name__, original))
+
+    def _timed(self, name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return wrapper
+
+
+def fit_once(epochs: int, with_callbacks: bool, seed: int = 0):
+    pl.seed_everything(seed, verbose=False)
+    callbacks = default_callbacks() if with_callbacks else []
+    timer = HookTimer(callbacks)
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = build_trainer(logdir, epochs, callbacks, progress=False)
+        datamodule = DigitsDataModule(noise_fraction=0.1, n_leaked=10, seed=seed)
+        start = time.perf_counter()
+        trainer.fit(DigitsCNN(), datamodule)
+        return time.perf_counter() - start, dict(timer.seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    fit_once(1, True)  # warm-up: imports, first-call allocations
+    ratios, rows, shares = [], [], defaultdict(list)
+    for pair in range(args.pairs):
+        base, _ = fit_once(args.epochs, False)
+        full, per_callback = fit_once(args.epochs, True)
+        ratios.append(full / base)
+        rows.append((pair, base, full, full / base))
+        for name, seconds in per_callback.items():
+            shares[name].append(seconds / base)
+
+    print(f"\n| pair | without callbacks (s) | with all four at defaults (s) | ratio |\n|---|---|---|---|")
+    for pair, base, full, ratio in rows:
+        print(f"| {pair} | {base:.2f} | {full:.2f} | {ratio:.3f} |")
+    print(f"\nmedian ratio over {args.pairs} pairs: {statistics.median(ratios):.3f}")
+    print("\n| callback | median added time, % of training |\n|---|---|")
+    for name, values in sorted(shares.items()):
+        print(f"| {name} | {100 * statistics.median(values):.1f}% |")
+
+    if args.profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.002)
+        profiler.start()
+        fit_once(args.epochs, True)
+        profiler.stop()
+        print(profiler.output_text(unicode=False, color=False, show_all=False, timeline=False)[:6000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""MirroredInfluence: the mirrored-influence methods and the callback (Ko et al., CVPR 2024)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, make_trainer, read_tags
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_interp import MirroredInfluence, ProbeDataError
+from lightning_interp._lightning import pl
+from lightning_interp.demo import DigitsCNN, DigitsDataModule
+from lightning_interp.methods import mirrored as M
+
+
+# ------------------------------------------------------------------------------------------------------
+# small models and data
+# ------------------------------------------------------------------------------------------------------
+class SmallNet(nn.Module):
+    """An MLP with BatchNorm and dropout, so eval mode and buffers matter."""
+
+    def __init__(self, d: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def blobs(n: int, seed: int, d: int = 8, classes: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return centers[y] + torch.randn(n, d, generator=gen), y
+
+
+def trained(x, y, epochs: int = 25, seed: int = 0) -> SmallNet:
+    torch.manual_seed(seed)
+    model = SmallNet(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        for xb, yb in M.tensor_batches(x, y, 100):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return model
+
+
+def auroc(scores, positives) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(positives.numpy(), scores.numpy()))
+
+
+@pytest.fixture(scope="module")
+def noisy_blobs():
+    x, y_clean = blobs(300, seed=0)
+    flipped = torch.zeros(300, dtype=torch.bool)
+    flipped[::5] = True  # 20 % symmetric noise: every 5th label moved to another class
+    y = y_clean.clone()
+    y[flipped] = (y[flipped] + 1) % 3
+    x_val, y_val = blobs(90, seed=1)
+    return x, y, flipped, x_val, y_val, trained(x, y)
+
+
+# ------------------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------------------
+def test_mislabel_scores_rank_flipped_labels_first_and_leave_the_model_untouched(noisy_blobs):
+    x, y, flipped, x_val, y_val, model = noisy_blobs
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    result = M.mislabel_scores(model, x_val, y_val, M.tensor_batches(x, y, 64))
+    assert result.scores.shape == (300,) and torch.equal(result.labels, y)
+    assert auroc(result.scores, flipped) > 0.9
+    assert result.scores[flipped].mean() > 0 > result.scores[~flipped].mean()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(m.training for m in model.modules())
+
+
+def test_trusted_update_descends_on_the_trusted_set(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    rule = M.UpdateRule(steps=5, lr=3e-3, optimizer="adam")
+    params, updated, buffers = M.trained_copy(model, x_val, y_val, rule)
+    with M.eval_mode(model), torch.no_grad():
+        loss_before = M.per_sample_loss(model, params, buffers, x_val, y_val).mean()
+        loss_after = M.per_sample_loss(model, updated, buffers, x_val, y_val).mean()
+    assert loss_after < loss_before
+    assert any(not torch.equal(params[n], updated[n]) for n in params)
+
+
+def test_bad_hyper_parameters_and_labels_raise_clear_errors(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        M.UpdateRule(1, 1e-3, "rmsprop")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        M.UpdateRule(0, 1e-3, "sgd")
+    with pytest.raises(ValueError, match="integer class indices"):
+        M.mislabel_scores(model, x_val, y_val.float(), M.tensor_batches(x, y))
+    with pytest.raises(ValueError, match="class logits"):
+        M.mislabel_scores(nn.Linear(8, 1), x_val, y_val, M.tensor_batches(x, y))
+
+
+def test_relative_influence_retrieves_exact_copies_with_influence_one(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    copies = torch.tensor([3, 50, 120, 299])
+    queries_x = torch.cat([x[copies], x_val[:20]])
+    queries_y = torch.cat([y[copies], y_val[:20]])
+    result = M.leak_scores(model, queries_x, queries_y, x, y, rule="relative", top_k=5)
+    assert torch.equal(result.train_index[:4], copies)
+    torch.testing.assert_close(result.score[:4], torch.ones(4), atol=1e-4, rtol=0)
+    assert (result.influence <= 1 + 1e-5).all() and (result.influence >= -1 - 1e-5).all()
+    assert (result.influence[:, :-1] >= result.influence[:, 1:]).all()  # ranked
+
+
+def test_batched_reference_step_equals_a_per_query_adam_step_on_a_model_copy(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    queries_x, queries_y = x_val[:6], y_val[:6]
+    result = M.leak_scores(model, queries_x, queries_y, x, y, rule="reference", candidates=None,
+                           fit_threshold=0.0, top_k=3, query_chunk=4)
+    for q in range(6):
+        clone = copy.deepcopy(model).eval()
+        opt = torch.optim.Adam(clone.parameters(), lr=5e-3)
+        (-F.cross_entropy(clone(queries_x[q:q + 1]), queries_y[q:q + 1])).backward()  # ascent
+        opt.step()
+        with torch.no_grad():
+            model.eval()
+            delta = (F.cross_entropy(clone(x), y, reduction="none") - F.cross_entropy(model(x), y, reduction="none")).abs()
+        best = delta.topk(3)
+        torch.testing.assert_close(result.influence[q], best.values, rtol=1e-3, atol=1e-6)
+        assert result.train_index[q] == best.indices[0]
+
+
+def test_fit_queries_are_moved_onto_a_growing_l2_sphere_not_skipped(noisy_blobs):
+    x, y, _, _, _, model = noisy_blobs
+    with M.eval_mode(model), torch.no_grad():
+        loss = F.cross_entropy(model(x), y, reduction="none")
+    fit, unfit = loss.argmin(), loss.argmax()
+    threshold = float(loss.median())  # "already fit": below it
+    assert loss[fit] < threshold < loss[unfit]
+    params, buffers = M.parameter_copy(model)
+    rows = torch.stack([fit, unfit])
+    with M.eval_mode(model):
+        moved, radius = M.sphere_perturb_fit_queries(model, params, buffers, x[rows], y[rows], fit_threshold=threshold,
+                                                     generator=torch.Generator().manual_seed(0))
+        new_loss = M.per_sample_loss(model, params, buffers, moved, y[rows]).detach()
+    assert radius[0] >= 3.0 and radius[1] == 0.0
+    assert torch.allclose((moved[0] - x[fit]).norm(), radius[0])
+    assert ((radius[0] / 3.0).log() / torch.log(torch.tensor(1.1))).round() == (radius[0] / 3.0).log() / torch.log(torch.tensor(1.1))
+    assert new_loss[0] >= threshold and torch.equal(moved[1], x[unfit])
+    result = M.leak_scores(model, x[rows], y[rows], x, y, rule="reference", candidates=None,
+                           fit_threshold=threshold)
+    assert result.radius[0] >= 3.0 and result.radius[1] == 0 and (result.influence[0] > 0).all()
+
+
+def test_self_influence_matches_captum_tracincp(noisy_blobs, tmp_path):
+    captum_influence = pytest.importorskip("captum.influence")
+    x, y, _, _, _, model = noisy_blobs
+    model.eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+
+    def load(net, ckpt):
+        net.load_state_dict(torch.load(ckpt))
+        return 1.0
+
+    tracin = captum_influence.TracInCP(model, TensorDataset(x[:40], y[:40]), [str(path)], checkpoints_load_func=load,
+                                       loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=20,
+                                       sample_wise_grads_per_batch=False)
+    expected = tracin.self_influence(DataLoader(TensorDataset(x[:40], y[:40]), batch_size=20))
+    torch.testing.assert_close(M.self_influence(model, x[:40], y[:40]), expected.float(), rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# callback
+# ------------------------------------------------------------------------------------------------------
+def fit_demo(trainer_factory, callbacks, epochs=3, **trainer_kwargs):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(noise_fraction=0.2, n_leaked=0, batch_size=128)
+    model = DigitsCNN()
+    trainer = trainer_factory(callbacks, max_epochs=epochs, **trainer_kwargs)
+    trainer.fit(model, dm)
+    return model, dm, trainer
+
+
+def test_callback_accumulates_flags_logs_and_alerts(trainer_factory, tmp_path):
+    cb = MirroredInfluence(every_n_epochs=1, max_flagged_fraction=0.01, threshold=0.05, second_look_top_k=8,
+                           strict=True)
+    runs = []
+    original = cb._mirrored_scores
+    cb._mirrored_scores = lambda *a: runs.append(original(*a)) or runs[-1]
+    _, dm, _ = fit_demo(trainer_factory, [cb])
+    n = len(dm.splits.y_train)
+    assert cb.scores_.shape == (n,) and len(runs) == 3 and len(cb.history_) == 3
+    torch.testing.assert_close(cb.scores_, torch.stack(runs).double().mean(0))  # running mean over runs
+    flagged = cb.flagged_
+    assert len(flagged) > 0 and (cb.scores_[flagged] > 0.05).all()
+    assert (cb.scores_[flagged][:-1] >= cb.scores_[flagged][1:]).all()
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[dm.splits.flipped] = True
+    assert auroc(cb.scores_.float(), truth) > 0.8  # three early epochs already separate the flipped labels
+    assert cb.alerts_ and cb.alerts_[0].metric == "mirrored/flagged_fraction"
+    assert set(cb.self_influence_) and set(cb.confirmed_) <= set(flagged[:8].tolist())
+    tags = read_tags(tmp_path)
+    assert {"mirrored/flagged_count", "mirrored/flagged_fraction", "mirrored/leaks"} <= tags["scalars"]
+    assert "mirrored/scores" in tags["histograms"] and "mirrored/flagged_gallery" in tags["images"]
+    assert any(t.startswith("mirrored/flagged") for t in tags["tensors"])  # the text table
+    state = cb.state_dict()
+    fresh = MirroredInfluence()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.scores_, cb.scores_)
+
+
+def test_callback_finds_a_validation_image_leaked_into_training(trainer_factory):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=128)
+    s = dm.splits
+    s.x_train, s.y_train = torch.cat([s.x_train, s.x_val[:3]]), torch.cat([s.y_train, s.y_val[:3]])
+    cb = MirroredInfluence(every_n_epochs=1, strict=True)
+    trainer = trainer_factory([cb], max_epochs=1, limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(DigitsCNN(), dm)
+    copies = {q: t for q, t, _ in cb.leaks_}
+    n = len(s.y_train) - 3
+    assert {0: n, 1: n + 1, 2: n + 2}.items() <= copies.items()
+
+
+def test_callback_does_not_disturb_training(trainer_factory):
+    plain, _, _ = fit_demo(trainer_factory, [], epochs=2, limit_train_batches=3, limit_val_batches=1)
+    watched, _, _ = fit_demo(trainer_factory, [MirroredInfluence(every_n_epochs=1, second_look_top_k=4, strict=True)],
+                             epochs=2, limit_train_batches=3, limit_val_batches=1)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_no_validation_set_and_no_trusted_set_fails_at_setup(trainer_factory):
+    dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0)
+    trainer = trainer_factory([MirroredInfluence()], max_epochs=1)
+    with pytest.raises(ProbeDataError, match="needs validation data"):
+        trainer.fit(DigitsCNN(), train_dataloaders=dm.train_dataloader())
+
+
+def test_regression_targets_get_a_class_label_message(trainer_factory):
+    dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0)
+    s = dm.splits
+    trusted = TensorDataset(s.x_val, s.y_val.float())
+    trainer = trainer_factory([MirroredInfluence(trusted=trusted, leak_queries=None)], max_epochs=1)
+    with pytest.raises(ProbeDataError, match="needs class labels"):
+        trainer.fit(DigitsCNN(), train_dataloaders=dm.train_dataloader())
+
+
+def test_constructor_validates_arguments():
+    with pytest.raises(ValueError, match="optimizer"):
+        MirroredInfluence(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="trusted"):
+        MirroredInfluence(trusted="test")
+    with pytest.raises(ValueError, match="max_flagged_fraction"):
+        MirroredInfluence(max_flagged_fraction=0.0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        MirroredInfluence(lr=0.0)
+
+
+DDP_SCRIPT = (REPO / "tests" / "test_mirrored.py").read_text().split("# ---- ddp script ----\n")[-1]
+
+
+def test_scores_under_two_process_ddp_equal_single_process_scores(tmp_path):
+    script, out = tmp_path / "ddp_mirrored.py", tmp_path / "ddp.pt"
+    script.write_text(DDP_SCRIPT.replace('"""', "").replace("\n# ", "\n"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(out, weights_only=False)
+    assert result["world_size"] == 2 and result["runs"] == 1
+    torch.testing.assert_close(result["ddp"].float(), result["single"], rtol=1e-4, atol=1e-5)
+
+
+# ---- ddp script ----
+"""
+# import sys
+# import torch
+# from lightning_interp._lightning import Callback, Trainer, pl
+# from lightning_interp.callbacks.mirrored import MirroredInfluence
+# from lightning_interp.demo import DigitsCNN, DigitsDataModule
+# from lightning_interp.methods.mirrored import mislabel_scores, tensor_batches
+#
+# class SaveSingleProcess(Callback):
+#     def __init__(self, mirrored, out_path):
+#         self.mirrored, self.out_path = mirrored, out_path
+#
+#     def on_train_epoch_end(self, trainer, pl_module):
+#         s = trainer.datamodule.splits
+#         single = mislabel_scores(pl_module, s.x_val, s.y_val, tensor_batches(s.x_train, s.y_train, 100))
+#         if trainer.is_global_zero:
+#             torch.save({"ddp": self.mirrored.scores_.clone(), "single": single.scores,
+#                         "world_size": trainer.world_size, "runs": len(self.mirrored.history_)}, self.out_path)
+#
+# if __name__ == "__main__":
+#     pl.seed_everything(0)
+#     mirrored = MirroredInfluence(every_n_epochs=1, strict=True, leak_queries=None)
+#     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+#                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+#                       num_sanity_val_steps=0, callbacks=[mirrored, SaveSingleProcess(mirrored, sys.argv[1])])
+#     trainer.fit(DigitsCNN(), DigitsDataModule(noise_fraction=0.2, batch_size=128))
+"""
