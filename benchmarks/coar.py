@@ -5,7 +5,7 @@ One process, one trained model, the same examples and the same held-out masks fo
 1. per alpha in {0.05, 0.10, 0.15}: held-out per-example Pearson correlation (mean over examples) of each
    method's linear prediction of the margins, and each method's wall time to produce its attributions;
 2. at alpha = 0.10: correlation against the number of fitting masks (prefixes of one mask stream);
-3. the callback's default budget (16 examples, 160 masks, ridge 0.01);
+3. the callback's default budget (12 examples, 128 masks, ridge 0.01);
 4. COAR-Edit: fix misclassified test images one at a time, report the accuracy of the rest of the test set
    (never used by the edit) before and after.
 
@@ -78,9 +78,10 @@ def mask_growth(model, comps, x, y, masks, margins, t_collect, counts, n_eval):
 
 
 def callback_defaults(model, comps, x, y, n_eval):
-    coar = C.COAR(alpha=0.1, n_masks=160, ridge=0.01, seed=0)
-    _, t_fit = timed(coar.fit, model, x[:16], y[:16])
-    return coar.score(model, x[:16], y[:16], n_masks=32), coar.score(model, x[:16], y[:16], n_masks=n_eval), t_fit
+    """ComponentAttribution's default budget: 12 examples, 128 fitting and 24 evaluation masks, ridge 0.01."""
+    coar = C.COAR(alpha=0.1, n_masks=128, ridge=0.01, seed=0)
+    _, t_fit = timed(coar.fit, model, x[:12], y[:12])
+    return coar.score(model, x[:12], y[:12], n_masks=24), coar.score(model, x[:12], y[:12], n_masks=n_eval), t_fit
 
 
 def edit_examples(model, data, n_masks, n_targets, n_reference):
@@ -144,8 +145,8 @@ def main() -> None:
         print(f"| {m} | {plain:.3f} | {ridge:.3f} | {t:.1f} |")
 
     corr_32, corr_full, t_fit = callback_defaults(model, comps, x, y, args.eval_masks)
-    print(f"\ncallback defaults (16 examples, 160 masks, ridge 0.01): fit {t_fit:.2f} s, held-out correlation "
-          f"{corr_32:.3f} on its 32 evaluation masks, {corr_full:.3f} on {args.eval_masks}")
+    print(f"\ncallback defaults (12 examples, 128 masks, ridge 0.01): fit {t_fit:.2f} s, held-out correlation "
+          f"{corr_32:.3f} on its 24 evaluation masks, {corr_full:.3f} on {args.eval_masks}")
 
     edits, t_fit, n_fit = edit_examples(model, data, args.masks, args.edit_targets, 100)
     print(f"\nCOAR-Edit: COAR fitted on {n_fit} examples (the misclassified test images + 100 validation images as "

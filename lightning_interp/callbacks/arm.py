@@ -155,7 +155,7 @@ class ARMDrift(InterpretationCallback):
         self._check_alerts(trainer, record)
         self.history_.append(record)
         self._update_settled(trainer, record)
-        self._log(record, result)
+        self._log(record)
         if self.reference == "previous":
             self._reference, self.reference_epoch_ = current, epoch
         if self.plot_every_n_epochs and len(self.history_) % self.plot_every_n_epochs == 0:
@@ -241,7 +241,7 @@ class ARMDrift(InterpretationCallback):
                            f"ARMDrift skips layer {name!r}: its activations on {where} contain NaN or inf")
 
     # -- reporting -----------------------------------------------------------------------------------------
-    def _log(self, record: dict[str, Any], result: ARMResult) -> None:
+    def _log(self, record: dict[str, Any]) -> None:
         scalars = {f"{self.tag}/aggregate": record["aggregate"], f"{self.tag}/settled_layers": len(self.settled_layers_)}
         scalars.update({f"{self.tag}/layer/{n}": v for n, v in record["per_layer"].items()})
         self.reporter.log_scalars(scalars)
