@@ -7,9 +7,12 @@ One process, one trained model, the same examples and the same held-out masks fo
 2. at alpha = 0.10: correlation against the number of fitting masks (prefixes of one mask stream);
 3. the callback's default budget (12 examples, 128 masks, ridge 0.01);
 4. COAR-Edit: fix misclassified test images one at a time, report the accuracy of the rest of the test set
-   (never used by the edit) before and after.
+   (never used by the edit) before and after;
+5. (``--overhead``) ``ComponentAttribution()`` at defaults on the demo's Lightning run (20 epochs, a
+   ModelCheckpoint every epoch): wall time of the fit with and without it, and the time spent inside it.
 
-    PYTHONPATH=. python benchmarks/coar.py            # < 10 min on 2 shared CPU cores
+    PYTHONPATH=. python benchmarks/coar.py              # 1-4: < 10 min on 2 shared CPU cores
+    PYTHONPATH=. python benchmarks/coar.py --overhead   # only 5: the callback's cost on the demo at defaults
 """
 
 from __future__ import annotations
@@ -110,6 +113,49 @@ def edit_examples(model, data, n_masks, n_targets, n_reference):
     return rows, t_fit, len(x)
 
 
+def callback_overhead(epochs: int = 20, repeats: int = 2) -> None:
+    import shutil
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    from lightning_interp import ComponentAttribution
+    from lightning_interp._lightning import ModelCheckpoint, Trainer
+    from lightning_interp.demo import DigitsDataModule
+
+    warnings.filterwarnings("ignore")
+    spent: list[float] = []
+
+    def timing(method):
+        def wrapper(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - start)
+        return wrapper
+
+    class Timed(ComponentAttribution):  # every hook that does work, timed
+        on_save_checkpoint = timing(ComponentAttribution.on_save_checkpoint)
+        on_train_end = timing(ComponentAttribution.on_train_end)
+        on_train_epoch_end = timing(ComponentAttribution.on_train_epoch_end)
+        setup = timing(ComponentAttribution.setup)
+
+    print(f"| run | fit wall (s) | inside ComponentAttribution (s) | share of the fit |\n|---|---|---|---|")
+    for repeat in range(repeats):
+        for use in (False, True):
+            root = Path(tempfile.mkdtemp())
+            torch.manual_seed(0)
+            callbacks = [ModelCheckpoint(dirpath=root / "ckpt")] + ([Timed()] if use else [])
+            trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, default_root_dir=root,
+                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+            spent.clear()
+            _, wall = timed(trainer.fit, DigitsCNN(), DigitsDataModule())
+            name = "with ComponentAttribution()" if use else "without"
+            print(f"| {repeat + 1}: {name} | {wall:.2f} | {sum(spent):.2f} | {100 * sum(spent) / wall:.1f}% |")
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
@@ -118,8 +164,12 @@ def main() -> None:
     parser.add_argument("--eval-masks", type=int, default=300)
     parser.add_argument("--edit-targets", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--overhead", action="store_true", help="only measure the callback's cost on the demo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.overhead:
+        callback_overhead()
+        return
     start = time.perf_counter()
 
     model, data = train_demo(args.epochs)

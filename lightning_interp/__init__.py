@@ -27,6 +27,15 @@ _EXPORTS = {
     "evaluation_mode": "lightning_interp.probe",
     "aggregate_representation_measure": "lightning_interp.methods.arm",
     "ARMCostModel": "lightning_interp.methods.arm",
+    "wasserstein_1d": "lightning_interp.methods.arm",
+    "mislabel_scores": "lightning_interp.methods.mirrored",
+    "leak_scores": "lightning_interp.methods.mirrored",
+    "COAR": "lightning_interp.methods.coar",
+    "edit": "lightning_interp.methods.coar",
+    "find_components": "lightning_interp.methods.coar",
+    "fit_dpgmm": "lightning_interp.methods.dpgmm",
+    "select_coreset": "lightning_interp.methods.coreset",
+    "fidelity": "lightning_interp.methods.coreset",
 }
 
 __all__ = sorted(_EXPORTS)

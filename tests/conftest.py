@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(1)  # tiny models: one thread is faster than two contending ones
 
-from lightning_interp._lightning import Trainer, TensorBoardLogger  # noqa: E402
+from lightning_interp._lightning import Callback, Trainer, TensorBoardLogger, pl  # noqa: E402
 from lightning_interp.callbacks.base import InterpretationCallback  # noqa: E402
 from lightning_interp.demo import DigitsCNN, DigitsDataModule  # noqa: E402
 
@@ -163,3 +163,43 @@ class TensorBoardServer:
 @pytest.fixture
 def tensorboard_server():
     return TensorBoardServer
+
+
+class TrainingSnapshot(Callback):
+    """Records what the training loop sees: module modes at every batch and the RNG after each epoch."""
+
+    def __init__(self):
+        self.modes, self.rng = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append(tuple(m.training for m in pl_module.modules()))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.rng.append(torch.get_rng_state().clone())
+
+
+def fit_digits(tmp_path, callbacks, epochs=3, logger=False):
+    pl.seed_everything(7, workers=True)
+    model = DigitsCNN()
+    model.bn2.eval()  # unusual but legal: a frozen BatchNorm must stay frozen
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=epochs, logger=logger)
+    trainer.fit(model, DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0))
+    return model, trainer
+
+
+
+def assert_same_training(tmp_path, callbacks, epochs=3, logger=False):
+    """Train with and without ``callbacks``; weights, BatchNorm buffers, optimizer state, RNG streams and the
+    modules' train/eval modes seen by the loop must be identical bit for bit. Returns the probed trainer."""
+    spy_a, spy_b = TrainingSnapshot(), TrainingSnapshot()
+    plain, t_plain = fit_digits(tmp_path / "plain", [spy_a], epochs)
+    probed, t_probed = fit_digits(tmp_path / "probed", [*callbacks, spy_b], epochs, logger=logger)
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} changed"
+    opt_a, opt_b = t_plain.optimizers[0].state_dict(), t_probed.optimizers[0].state_dict()
+    for key in opt_a["state"]:
+        for field, value in opt_a["state"][key].items():
+            assert torch.equal(value, opt_b["state"][key][field]), f"optimizer {key}.{field} changed"
+    assert spy_a.modes == spy_b.modes and not probed.bn2.training
+    assert len(spy_a.rng) == epochs and all(torch.equal(a, b) for a, b in zip(spy_a.rng, spy_b.rng))
+    return t_probed

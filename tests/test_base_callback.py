@@ -4,55 +4,23 @@ import warnings
 
 import pytest
 import torch
-from conftest import MeanActivation, make_trainer, read_scalars, read_tags
+from conftest import MeanActivation, assert_same_training, make_trainer, read_scalars, read_tags
 
 from lightning_interp import InterpretationAlert, InterpretationWarning
-from lightning_interp._lightning import Callback, ModelCheckpoint, pl
+from lightning_interp._lightning import ModelCheckpoint
 from lightning_interp.capture import LayerSelectionError
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
-
-
-class TrainingSnapshot(Callback):
-    """Records what the training loop sees: module modes at every batch and the RNG after each epoch."""
-
-    def __init__(self):
-        self.modes, self.rng = [], []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.modes.append(tuple(m.training for m in pl_module.modules()))
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.rng.append(torch.get_rng_state().clone())
-
-
-def _fit(tmp_path, callbacks, epochs=3):
-    pl.seed_everything(7, workers=True)
-    model = DigitsCNN()
-    model.bn2.eval()  # unusual but legal: a frozen BatchNorm must stay frozen
-    trainer = make_trainer(tmp_path, callbacks, max_epochs=epochs, logger=False)
-    trainer.fit(model, DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0))
-    return model, trainer
 
 
 def test_never_disturbs_training_bit_for_bit(tmp_path):
     """Weights, BatchNorm buffers, optimizer state, RNG streams and module modes are identical with and
     without the callbacks (which run every epoch, with a model-driven coreset)."""
-    spy_a, spy_b = TrainingSnapshot(), TrainingSnapshot()
-    plain, t_plain = _fit(tmp_path / "a", [spy_a])
     interp = [
         MeanActivation(probe="train", strict=True),
         MeanActivation(probe="val", probe_size=0.3, probe_selector="kcenter", strict=True),
     ]
-    probed, t_probed = _fit(tmp_path / "b", [*interp, spy_b])
+    assert_same_training(tmp_path, interp)
     assert all(len(cb.history_) == 3 for cb in interp)
-    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
-        assert torch.equal(a, b), f"{name} changed"
-    opt_a, opt_b = t_plain.optimizers[0].state_dict(), t_probed.optimizers[0].state_dict()
-    for key in opt_a["state"]:
-        for field, value in opt_a["state"][key].items():
-            assert torch.equal(value, opt_b["state"][key][field]), f"optimizer {key}.{field} changed"
-    assert spy_a.modes == spy_b.modes and not probed.bn2.training
-    assert all(torch.equal(a, b) for a, b in zip(spy_a.rng, spy_b.rng))
 
 
 def test_schedule_scalars_and_histograms_reach_tensorboard(tmp_path, datamodule):

@@ -269,7 +269,9 @@ def test_summary_table_reads_generic_and_specific_by_depth(trained):
     table = cb.summary_table(cb.results_, list(cb.results_))
     lines = table.splitlines()
     assert lines[0].startswith("| depth | layer | clusters (samples)")
-    assert len([ln for ln in lines if ln.startswith("| ") and "conv" in ln or "fc1" in ln]) >= 4
+    assert [ln.split(" | ")[1] for ln in lines[2:6]] == ["conv1", "conv2", "conv3", "fc1"]
+    readings = {"generic", "mixed", "class-specific"}
+    assert all(ln.rstrip(" |").rsplit("| ", 1)[-1] in readings for ln in lines[2:6])
     fc1 = next(ln for ln in lines if "| fc1 |" in ln)
     assert f"{cb.results_['fc1']['n_clusters']}" in fc1 and "n/a" in fc1  # no position clusters for fc1
 
@@ -284,7 +286,8 @@ def test_sharp_change_alert_and_state_round_trip(trained):
     fresh = LayerClusters()
     fresh.load_state_dict(state)
     assert fresh.history_ == cb.history_
-    assert {n: r["n_clusters"] for n, r in fresh.results_.items()} == {n: r["n_clusters"] for n, r in cb.results_.items()}
+    counts = {n: r["n_clusters"] for n, r in cb.results_.items()}
+    assert {n: r["n_clusters"] for n, r in fresh.results_.items()} == counts
 
 
 def test_callback_does_not_disturb_training(tmp_path):

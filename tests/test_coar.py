@@ -324,8 +324,11 @@ def _small_callback(**kwargs):
 def test_callback_at_checkpoints_logs_saves_alerts_and_leaves_training_alone(tmp_path):
     from conftest import read_scalars, read_tags
 
+    from lightning_interp.alerts import InterpretationWarning
+
     callback = _small_callback(min_correlation=0.999, dominance_threshold=0.01, every_n_epochs=2)
-    with_callback = _fit_demo(tmp_path / "a", [callback], max_epochs=4)
+    with pytest.warns(InterpretationWarning, match="depends on a single component"):
+        with_callback = _fit_demo(tmp_path / "a", [callback], max_epochs=4)
     without = _fit_demo(tmp_path / "b", [], max_epochs=4)
     assert all(torch.equal(a, b) for a, b in zip(with_callback.state_dict().values(), without.state_dict().values()))
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -214,7 +213,7 @@ def _mask_channels(output: Tensor, keep: Tensor, channel_dim: int, name: str) ->
     shape = [1] * grouped.dim()
     shape[0] = keep.shape[0]
     shape[channel_dim + 1 if channel_dim >= 0 else -1] = keep.shape[1]
-    return (grouped * keep.reshape(shape).to(grouped.dtype)).reshape(output.shape)
+    return (grouped * keep.reshape(shape).to(device=grouped.device, dtype=grouped.dtype)).reshape(output.shape)
 
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
@@ -234,7 +233,7 @@ def _head_outputs(mha: nn.MultiheadAttention, call: dict) -> Tensor:
         raise AblationError("head ablation needs batched inputs to nn.MultiheadAttention (3-D query)")
     if not mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    (b, t, e), s, h = query.shape, key.shape[1], mha.num_heads
+    (b, t, _), s, h = query.shape, key.shape[1], mha.num_heads
     if mha._qkv_same_embed_dim:
         wq, wk, wv = mha.in_proj_weight.chunk(3)
     else:
@@ -288,7 +287,8 @@ def ablate(model: nn.Module, components: Components, keep: Tensor) -> Iterator[n
     ``keep`` is ``[G, N]`` (or ``[N]``): row ``g`` applies to rows ``g * B : (g + 1) * B`` of a batch of
     ``G * B`` inputs (the examples repeated once per mask). Entries are multiplied into the component outputs,
     so ``0`` ablates, ``1`` keeps, and a float ``keep`` that requires grad gives gradients per component.
-    Hooks are removed on exit, also after an error; the model's parameters are never touched.
+    Hooks are removed on exit, also after an error; the model's parameters are never touched. Run the model in
+    eval mode: attention heads are recomputed without dropout, and batch statistics would mix the masks.
     """
     if keep.dim() == 1:
         keep = keep.unsqueeze(0)
@@ -387,6 +387,9 @@ def _forward_masked(model: nn.Module, components: Components, x: Tensor, y: Tens
     g = keep.shape[0]
     with ablate(model, components, keep):
         logits = model(x.repeat(g, *[1] * (x.dim() - 1)))
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        found = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise AblationError(f"margins need the model to return logits of shape [batch, classes], got {found}")
     return margins(logits.reshape(g, x.shape[0], -1), y.expand(g, -1))
 
 

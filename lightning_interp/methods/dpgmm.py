@@ -21,9 +21,10 @@ Preprocessing (the paper rescales activations; the exact scaling is not stated):
 dropped, the rest centred and divided by one global scale (``scale="global"``: relative unit magnitudes
 kept, so the PCA below is a covariance PCA) or each by its own standard deviation (``scale="unit"``: a
 correlation PCA, where a noise unit weighs as much as an informative one). Then, when more than
-``max_dims`` features remain, they are projected on the leading ``max_dims`` principal axes (a torch SVD,
-on the tensor's device). Scores are not whitened, so minor axes do not amplify noise. The mixture itself runs
-in scikit-learn on CPU, float64, seeded by ``seed`` only (torch's and numpy's global RNGs are untouched).
+``max_dims`` features remain, they are projected on the leading ``max_dims`` principal axes (torch, on the
+tensor's device; :func:`pca_reduce`). Scores are not whitened, so minor axes do not amplify noise. The
+mixture itself runs in scikit-learn on CPU, float64, seeded by ``seed`` only (torch's and numpy's global
+RNGs are untouched).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def fit_dpgmm(
         max_iter: variational EM iterations per initialisation.
         init_params: scikit-learn initialisation of the responsibilities. ``"kmeans"`` (k-means with
             ``truncation`` centres) recovered planted groups best in ``benchmarks/clusters.py``;
-            ``"k-means++"`` (seeding only) is ~2x cheaper but merges groups more often.
+            ``"k-means++"`` (seeding only) is cheaper but merged groups more often in our trials.
         n_init: initialisations; the one with the highest evidence lower bound is kept.
         max_fit_rows: fit on a seeded random subset of this many rows, then assign every row
             (bounds the cost of per-position fits); ``None`` fits on all rows.
@@ -294,8 +295,9 @@ _THREADPOOLS: ThreadpoolController | None = None
 def single_threaded():
     """One CPU thread for torch, BLAS and OpenMP inside, restored after (a context manager).
 
-    At these sizes thread start-up and spinning cost more than the work (10-50x on a busy machine), and the
-    training run keeps its cores."""
+    At these sizes thread start-up and spinning cost more than the work on a busy machine, and the training
+    run keeps its cores.
+    """
     global _THREADPOOLS
     if _THREADPOOLS is None:
         _THREADPOOLS = ThreadpoolController()
