@@ -24,18 +24,22 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "ARM aggregate": ["Multiline", [r"arm/aggregate"]],
         "ARM per layer": ["Multiline", [r"arm/layer/.*"]],
         "data shift ARM": ["Multiline", [r"arm/shift/.*"]],
+        "settled layers": ["Multiline", [r"arm/settled.*"]],
     },
     "lightning_interp: influence": {
         "flagged samples": ["Multiline", [r"influence/flagged.*"]],
         "leaks": ["Multiline", [r"influence/leak.*"]],
+        "confirmed by TracIn": ["Multiline", [r"influence/confirmed.*"]],
     },
     "lightning_interp: components": {
         "held-out correlation": ["Multiline", [r"components/correlation.*"]],
-        "edits": ["Multiline", [r"components/edit.*"]],
+        "single-component dominance": ["Multiline", [r"components/dominance.*"]],
     },
     "lightning_interp: clusters": {
         "clusters per layer": ["Multiline", [r"clusters/.*/n_clusters"]],
         "agreement with labels (NMI)": ["Multiline", [r"clusters/.*/nmi"]],
+        "agreement with labels (ARI)": ["Multiline", [r"clusters/.*/ari"]],
+        "label-map clusters": ["Multiline", [r"clusters/.*/position_clusters"]],
     },
     "lightning_interp: coreset": {
         "fidelity": ["Multiline", [r".*/coreset/(spearman|jaccard_top_k)"]],

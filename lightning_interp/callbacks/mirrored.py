@@ -73,7 +73,7 @@ class MirroredInfluence(InterpretationCallback):
         history_: one record per run: ``epoch``, ``flagged``, ``flagged_fraction``, ``leaks``, ``seconds``.
     """
 
-    tag = "mirrored"
+    tag = "influence"
 
     def __init__(
         self,
