@@ -20,7 +20,8 @@ from lightning_interp._lightning import Callback, pl
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
 from lightning_interp.demo.__main__ import build_trainer, default_callbacks
 
-HOOKS = ("on_train_epoch_end", "on_validation_end", "on_save_checkpoint", "on_fit_end", "on_train_end", "setup")
+HOOKS = ("on_train_epoch_end", "on_train_epoch_start", "on_validation_end", "on_save_checkpoint", "on_fit_end",
+         "on_train_end", "teardown", "setup")
 
 
 class HookTimer(Callback):
@@ -47,11 +48,11 @@ class HookTimer(Callback):
 
 def fit_once(epochs: int, with_callbacks: bool, seed: int = 0):
     pl.seed_everything(seed, verbose=False)
-    callbacks = default_callbacks() if with_callbacks else []
+    datamodule = DigitsDataModule(noise_fraction=0.1, n_leaked=10, seed=seed)
+    callbacks = default_callbacks(datamodule) if with_callbacks else []
     timer = HookTimer(callbacks)
     with tempfile.TemporaryDirectory() as logdir:
         trainer = build_trainer(logdir, epochs, callbacks, progress=False)
-        datamodule = DigitsDataModule(noise_fraction=0.1, n_leaked=10, seed=seed)
         start = time.perf_counter()
         trainer.fit(DigitsCNN(), datamodule)
         return time.perf_counter() - start, dict(timer.seconds)

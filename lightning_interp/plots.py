@@ -66,22 +66,31 @@ def looks_like_images(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] in (1, 3, 4) and min(x.shape[2:]) >= 4
 
 
-def image_gallery(images: torch.Tensor, captions: Sequence[str], columns: int = 8, title: str = "") -> np.ndarray:
-    """A grid of ``[N, C, H, W]`` images (each min-max scaled) with a caption under each."""
-    plt = _pyplot()
+def image_gallery(
+    images: torch.Tensor, captions: Sequence[str], columns: int = 8, title: str = "", cell: int = 96
+) -> np.ndarray:
+    """A grid of ``[N, C, H, W]`` images (each min-max scaled, enlarged to ``cell`` pixels) with a caption under
+    each, drawn with PIL: a few milliseconds where a matplotlib grid takes a few hundred."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
     n = len(images)
     columns = max(1, min(columns, n))
     rows = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.3), dpi=90, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, caption in zip(axes.flat, images, captions):
+    lines = max((c.count("\n") + 1 for c in captions), default=1)
+    caption_h, title_h, pad = 12 * lines + 2, (16 if title else 0), 4
+    canvas = Image.new("RGB", (columns * (cell + pad) + pad, title_h + rows * (cell + caption_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 2), title, fill="black", font=font)
+    for i, (img, caption) in enumerate(zip(images, captions)):
         arr = img.detach().cpu().float()
         arr = (arr - arr.min()) / (arr.max() - arr.min()).clamp_min(1e-12)
-        arr = arr.permute(1, 2, 0).numpy()
-        ax.imshow(arr[:, :, 0] if arr.shape[-1] == 1 else arr, cmap="gray" if arr.shape[-1] == 1 else None)
-        ax.set_title(caption, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return figure_to_array(fig)
+        arr = (arr.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        tile = Image.fromarray(arr[:, :, 0] if arr.shape[-1] == 1 else arr[:, :, :3]).convert("RGB")
+        tile = tile.resize((cell, cell), Image.NEAREST)
+        x = pad + (i % columns) * (cell + pad)
+        y = title_h + pad + (i // columns) * (cell + caption_h + pad)
+        canvas.paste(tile, (x, y))
+        draw.multiline_text((x, y + cell + 1), caption, fill="black", font=font, spacing=1)
+    return np.asarray(canvas)

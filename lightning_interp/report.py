@@ -51,6 +51,13 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
 }
 
 
+def run_dir(trainer) -> Path:
+    """The run's log directory, like ``trainer.log_dir`` but without its DDP collective (safe on one rank)."""
+    loggers = trainer.loggers
+    root = (getattr(loggers[0], "log_dir", None) or loggers[0].save_dir) if loggers else None
+    return Path(root or trainer.default_root_dir)
+
+
 def _safe_name(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag).strip("_")
 
@@ -98,11 +105,7 @@ class Reporter:
 
     @property
     def fallback_dir(self) -> Path:
-        # Not ``trainer.log_dir``: under DDP that property is a collective, and only rank zero writes.
-        loggers = self.trainer.loggers
-        root = (getattr(loggers[0], "log_dir", None) or loggers[0].save_dir) if loggers else None
-        root = root or self.trainer.default_root_dir
-        path = Path(root) / "lightning_interp_output"
+        path = run_dir(self.trainer) / "lightning_interp_output"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -12,7 +12,7 @@ import torch
 
 from ..methods.coar import LAYER_KINDS, fit_attributions, find_components, heldout_correlation
 from ..probe import ProbeData, ProbeDataError, model_device
-from ..report import markdown_table
+from ..report import markdown_table, run_dir
 from .base import InterpretationCallback, ProbeSource
 
 
@@ -167,6 +167,12 @@ class ComponentAttribution(InterpretationCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._flush_pending(trainer)
+        if self._last_run is None and not self._use_epoch_schedule:
+            # No checkpoint came when one was due (e.g. the monitored metric stopped improving):
+            # analyse the final model rather than end the run without a result.
+            self.run_now(trainer, pl_module)
+            if self.save_attributions and self._last_run is not None:
+                self._save([self._epoch_file(trainer)], trainer)
         if self.plot_every_n_runs is None and hasattr(self, "class_attributions_") and self._plotted_run != len(self.history_):
             try:
                 self._plot()
@@ -296,7 +302,7 @@ class ComponentAttribution(InterpretationCallback):
         self.history_[-1]["files"] = [str(p) for p in paths]
 
     def _epoch_file(self, trainer) -> Path:
-        root = Path(trainer.log_dir or trainer.default_root_dir) / "component_attributions"
+        root = run_dir(trainer) / "component_attributions"
         return root / f"epoch={trainer.current_epoch}-step={trainer.global_step}.components.pt"
 
     def _flush_pending(self, trainer, final: bool = False) -> None:

@@ -267,7 +267,7 @@ class MirroredInfluence(InterpretationCallback):
                                markdown_table(["train index", "given label", "predicted", "score"], rows))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """The image gallery of the top flagged samples, once (rendering costs ~0.5 s)."""
+        """The image gallery of the top flagged samples, once, at the end of training."""
         if self._last_flagged is None or self.probe_ is None or not self._is_global_zero():
             return
         top, given, predicted, scores = self._last_flagged

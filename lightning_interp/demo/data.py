@@ -102,5 +102,10 @@ class DigitsDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.splits.x_val, self.splits.y_val), batch_size=256)
 
+    @property
+    def test_dataset(self) -> TensorDataset:
+        """The test split (the demo copies some of its images into the training set)."""
+        return TensorDataset(self.splits.x_test, self.splits.y_test)
+
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.splits.x_test, self.splits.y_test), batch_size=256)
+        return DataLoader(self.test_dataset, batch_size=256)
