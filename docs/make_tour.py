@@ -21,10 +21,9 @@ from pathlib import Path
 
 PAGES = {
     "custom_scalars": "#custom_scalars",
-    "scalars_arm": "#timeseries&tagFilter=arm%2F",
-    "scalars_influence": "#timeseries&tagFilter=influence%2F",
+    "time_series": "#timeseries",
     "images": "#images",
-    "text_alerts": "#text&tagFilter=alerts",
+    "text_alerts": "#text",
     "histograms": "#histograms",
     "projector": "#projector",
 }
