@@ -46,7 +46,7 @@ class HookTimer(Callback):
         return wrapper
 
 
-def fit_once(epochs: int, with_callbacks: bool, seed: int = 0):
+def fit_once(epochs: int, with_callbacks: bool, seed: int = 0, width: int = 16):
     pl.seed_everything(seed, verbose=False)
     datamodule = DigitsDataModule(noise_fraction=0.1, n_leaked=10, seed=seed)
     callbacks = default_callbacks(datamodule) if with_callbacks else []
@@ -54,7 +54,7 @@ def fit_once(epochs: int, with_callbacks: bool, seed: int = 0):
     with tempfile.TemporaryDirectory() as logdir:
         trainer = build_trainer(logdir, epochs, callbacks, progress=False)
         start = time.perf_counter()
-        trainer.fit(DigitsCNN(), datamodule)
+        trainer.fit(DigitsCNN(width=width), datamodule)
         return time.perf_counter() - start, dict(timer.seconds)
 
 
@@ -62,14 +62,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--width", type=int, default=16, help="conv width of the demo CNN (16 = the demo)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
     fit_once(1, True)  # warm-up: imports, first-call allocations
     ratios, rows, shares = [], [], defaultdict(list)
     for pair in range(args.pairs):
-        base, _ = fit_once(args.epochs, False)
-        full, per_callback = fit_once(args.epochs, True)
+        base, _ = fit_once(args.epochs, False, width=args.width)
+        full, per_callback = fit_once(args.epochs, True, width=args.width)
         ratios.append(full / base)
         rows.append((pair, base, full, full / base))
         for name, seconds in per_callback.items():
@@ -78,7 +79,7 @@ def main() -> None:
     print(f"\n| pair | without callbacks (s) | with all four at defaults (s) | ratio |\n|---|---|---|---|")
     for pair, base, full, ratio in rows:
         print(f"| {pair} | {base:.2f} | {full:.2f} | {ratio:.3f} |")
-    print(f"\nmedian ratio over {args.pairs} pairs: {statistics.median(ratios):.3f}")
+    print(f"\nwidth {args.width}: median ratio over {args.pairs} pairs: {statistics.median(ratios):.3f}")
     print("\n| callback | median added time, % of training |\n|---|---|")
     for name, values in sorted(shares.items()):
         print(f"| {name} | {100 * statistics.median(values):.1f}% |")
@@ -88,7 +89,7 @@ def main() -> None:
 
         profiler = Profiler(interval=0.002)
         profiler.start()
-        fit_once(args.epochs, True)
+        fit_once(args.epochs, True, width=args.width)
         profiler.stop()
         print(profiler.output_text(unicode=False, color=False, show_all=False, timeline=False)[:6000])
 
