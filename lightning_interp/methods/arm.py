@@ -30,6 +30,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Union
 
@@ -97,6 +98,22 @@ def _quantile_merge(n: int, m: int, device: torch.device) -> tuple[Tensor, Tenso
     return left // step_a, left // step_b, widths
 
 
+_SORT_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel_row_sort(rows: np.ndarray, min_rows_per_thread: int = 64) -> None:
+    """Sort each row in place, blocks of rows on ``torch.get_num_threads()`` threads (NumPy releases the GIL)."""
+    global _SORT_POOL
+    workers = min(torch.get_num_threads(), len(rows) // min_rows_per_thread)
+    if workers <= 1:
+        rows.sort(axis=1)
+        return
+    if _SORT_POOL is None or _SORT_POOL._max_workers < workers:
+        _SORT_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arm-sort")
+    blocks = np.array_split(rows, workers)  # views: sorting a block sorts those rows of ``rows``
+    list(_SORT_POOL.map(lambda block: block.sort(axis=1), blocks))
+
+
 def sort_samples(x: Tensor) -> Tensor:
     """Sort ``[n, units]`` samples along the sample axis (each unit's empirical quantile function).
 
@@ -107,7 +124,7 @@ def sort_samples(x: Tensor) -> Tensor:
     """
     by_unit = x.detach().t().contiguous()  # [units, n]: each unit's samples contiguous
     if by_unit.device.type == "cpu" and by_unit.dtype in (torch.float32, torch.float64):
-        by_unit.numpy().sort(axis=1)  # in place on the fresh copy
+        _parallel_row_sort(by_unit.numpy())  # in place on the fresh copy
     else:
         by_unit = by_unit.sort(dim=1).values
     return by_unit.t()
