@@ -38,15 +38,7 @@ from lightning_interp.methods.arm import (
     wasserstein_1d,
 )
 
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from _timing import best_time as best_of
 
 
 def speed_table(units: int = 512, n: int = 2000, m_other: int = 1500) -> list[str]:

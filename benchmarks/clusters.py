@@ -39,6 +39,7 @@ from lightning_interp._lightning import TensorBoardLogger, Trainer
 from lightning_interp.capture import ActivationRecorder, select_layers
 from lightning_interp.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
 from lightning_interp.methods.dpgmm import fit_dpgmm, fit_label_maps
+from _timing import best_time
 
 warnings.filterwarnings("ignore")
 CALLBACK_MAX_ITER = 50  # LayerClusters' default (fit_dpgmm's own default is 100)
@@ -133,14 +134,6 @@ def fit_cost_table(repeats: int = 3) -> list[str]:
     return rows
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 class TimedClusters(LayerClusters):

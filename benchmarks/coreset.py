@@ -39,18 +39,16 @@ import torch.nn.functional as F
 from lightning_interp.demo import DigitsCNN, load_digits_tensors
 from lightning_interp.methods import arm, coar
 from lightning_interp.methods.coreset import SELECTORS, adaptive_coreset, fidelity, herding, kcenter_greedy, resolve_size, select_coreset
+from _timing import best_time as _best_time
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    return _best_time(fn, repeats, warmup=False)
 
 LAYERS = ("conv1", "conv2", "conv3", "fc1")
 FRACTIONS = (0.05, 0.10, 0.30)
 
 
-def best_time(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 # --------------------------------------------------------------------------------- k-center speed

@@ -69,16 +69,17 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module, grad: bool = False) -> Iterator[nn.Module]:
+def evaluation_mode(model: nn.Module, grad: bool | None = False) -> Iterator[nn.Module]:
     """Evaluate ``model`` without leaving a trace on training.
 
     Inside: every submodule in eval mode (BatchNorm reads, never updates, its running statistics; dropout
-    off) and, unless ``grad=True``, no autograd. On exit, also after an error: each submodule's own
-    ``training`` flag and every global RNG stream are restored exactly.
+    off) and autograd off (``grad=False``), on (``True``) or as it was (``None``). On exit, also after an
+    error: each submodule's own ``training`` flag and every global RNG stream are restored exactly.
     """
     modes = [(module, module.training) for module in model.modules()]
+    grad_mode = contextlib.nullcontext() if grad is None else torch.set_grad_enabled(grad)
     try:
-        with preserved_rng(), torch.set_grad_enabled(grad):
+        with preserved_rng(), grad_mode:
             model.eval()
             yield model
     finally:

@@ -18,6 +18,7 @@ from lightning_interp import MirroredInfluence, ProbeDataError
 from lightning_interp._lightning import pl
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
 from lightning_interp.methods import mirrored as M
+from lightning_interp.probe import evaluation_mode
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def test_trusted_update_descends_on_the_trusted_set(noisy_blobs):
     x, y, _, x_val, y_val, model = noisy_blobs
     rule = M.UpdateRule(steps=5, lr=3e-3, optimizer="adam")
     params, updated, buffers = M.trained_copy(model, x_val, y_val, rule)
-    with M.eval_mode(model), torch.no_grad():
+    with evaluation_mode(model), torch.no_grad():
         loss_before = M.per_sample_loss(model, params, buffers, x_val, y_val).mean()
         loss_after = M.per_sample_loss(model, updated, buffers, x_val, y_val).mean()
     assert loss_after < loss_before
@@ -142,14 +143,14 @@ def test_batched_reference_step_equals_a_per_query_adam_step_on_a_model_copy(noi
 
 def test_fit_queries_are_moved_onto_a_growing_l2_sphere_not_skipped(noisy_blobs):
     x, y, _, _, _, model = noisy_blobs
-    with M.eval_mode(model), torch.no_grad():
+    with evaluation_mode(model), torch.no_grad():
         loss = F.cross_entropy(model(x), y, reduction="none")
     fit, unfit = loss.argmin(), loss.argmax()
     threshold = float(loss.median())  # "already fit": below it
     assert loss[fit] < threshold < loss[unfit]
     params, buffers = M.parameter_copy(model)
     rows = torch.stack([fit, unfit])
-    with M.eval_mode(model):
+    with evaluation_mode(model, grad=None):
         moved, radius = M.sphere_perturb_fit_queries(model, params, buffers, x[rows], y[rows], fit_threshold=threshold,
                                                      generator=torch.Generator().manual_seed(0))
         new_loss = M.per_sample_loss(model, params, buffers, moved, y[rows]).detach()

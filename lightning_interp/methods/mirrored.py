@@ -28,7 +28,6 @@ the model in eval mode; the model, its buffers and its train/eval flags are left
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, NamedTuple
 
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from ..probe import evaluation_mode, model_device
 
 Optimizer = Literal["sgd", "adam"]
 OPTIMIZERS = ("sgd", "adam")
@@ -79,24 +80,6 @@ def parameter_copy(model: nn.Module) -> tuple[Params, Params]:
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     return params, buffers
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def logits_of(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Tensor:
@@ -175,7 +158,7 @@ def trained_copy(model: nn.Module, x: Tensor, y: Tensor, rule: UpdateRule, *, as
     """Full-batch ``rule`` updates on (x, y) applied to a copy: returns (θ, θ', buffers)."""
     params, buffers = parameter_copy(model)
     updated, state = params, _initial_state(params, rule.optimizer)
-    with eval_mode(model):
+    with evaluation_mode(model, grad=None):
         for step in range(1, rule.steps + 1):
             grads = _mean_loss_gradient(model, updated, buffers, x, y, chunk)
             updated, state = _step(updated, grads, state, step, rule, 1.0 if ascent else -1.0)
@@ -228,7 +211,7 @@ def mislabel_scores(model: nn.Module, trusted_x: Tensor, trusted_y: Tensor, trai
     device = model_device(model)
     params, updated, buffers = trained_copy(model, trusted_x.to(device), trusted_y.to(device), rule,
                                             chunk=chunk)
-    with eval_mode(model):
+    with evaluation_mode(model, grad=None):
         return _score_batches(model, params, updated, buffers, train_batches, device)
 
 
@@ -293,7 +276,7 @@ def logits_and_head_inputs(model: nn.Module, x: Tensor, *, head: str | None = No
     params, buffers = parameter_copy(model)
     device = model_device(model)
     logits, features = [], []
-    with eval_mode(model):
+    with evaluation_mode(model, grad=None):
         num_classes = logits_of(model, params, buffers, x[:1].to(device)).shape[1]
         module = model.get_submodule(head or find_classifier_head(model, num_classes))
         handle = module.register_forward_pre_hook(lambda _m, args: features.append(args[0].flatten(1).cpu()))
@@ -404,7 +387,7 @@ def _reference_leak_scores(model, query_x, query_y, train_x, train_y, rule, pool
     pool = pool.to(device) if pool is not None else None
     generator = torch.Generator().manual_seed(seed)  # never the global RNG
     params, buffers = parameter_copy(model)
-    with eval_mode(model):
+    with evaluation_mode(model, grad=None):
         query_x, radius = sphere_perturb_fit_queries(
             model, params, buffers, query_x, query_y, fit_threshold=fit_threshold, radius=sphere_radius,
             growth=sphere_growth, generator=generator)
@@ -460,7 +443,7 @@ def self_influence(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 64) -
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     norms = []
-    with eval_mode(model):
+    with evaluation_mode(model, grad=None):
         for xb, yb in tensor_batches(x.to(device), y.to(device), chunk):
             grads = per_sample_grad(params, xb, yb)
             norms.append(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
