@@ -300,6 +300,8 @@ def test_copy_model_detaches_the_trainer_reference():
 def _fit_demo(tmp_path, callbacks, max_epochs=2, checkpoint=True):
     from conftest import make_trainer
 
+    from lightning_interp import ComponentAttribution
+
     from lightning_interp._lightning import ModelCheckpoint
     from lightning_interp.demo import DigitsCNN, DigitsDataModule
 
@@ -378,3 +380,23 @@ def test_callback_rejects_bad_configuration():
             ComponentAttribution(**bad)
     with pytest.raises(C.AblationError, match="module types found"):
         ComponentAttribution()._check_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
+def test_final_model_is_analysed_when_no_checkpoint_came_due(tmp_path):
+    """A ModelCheckpoint that never saves within the run must not leave the user without attributions."""
+    from conftest import make_trainer
+
+    from lightning_interp import ComponentAttribution
+
+    from lightning_interp._lightning import ModelCheckpoint
+    from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+    cb = ComponentAttribution(every_n_epochs=1, n_masks=60, n_eval_masks=10, probe_size=10, progress_bar=False,
+                              strict=True)
+    never = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=100)
+    trainer = make_trainer(tmp_path, [cb, never], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("*.ckpt"))
+    assert cb.correlation_ is not None and len(cb.history_) == 1
+    files = list((tmp_path / "tb" / "version_0" / "component_attributions").glob("*.components.pt"))
+    assert len(files) == 1 and torch.load(files[0], weights_only=False)["attributions"].shape[1] == len(cb.component_names_)

@@ -32,7 +32,8 @@ class ComponentAttribution(InterpretationCallback):
         ridge: L2 penalty relative to the mean squared error (0 is the paper's plain least squares).
         layer_types: component kinds: ``"conv"`` (output channels), ``"linear"`` (neurons), ``"attention"`` (heads).
         at_checkpoints: run when a checkpoint is saved (a ``ModelCheckpoint`` save or ``trainer.save_checkpoint``),
-            at most once every ``every_n_epochs`` epochs; ``False`` runs at the end of every n-th epoch instead.
+            at most once every ``every_n_epochs`` epochs (if none was due by the end of training, the final model
+            is analysed then); ``False`` runs at the end of every n-th epoch instead.
         every_n_epochs: spacing of the runs (see ``at_checkpoints``).
         min_correlation: alert when the held-out correlation falls below it (the linear model no longer
             explains the network).
