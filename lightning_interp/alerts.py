@@ -58,7 +58,8 @@ def validate_action(action: str) -> str:
 class AlertPolicy:
     """What happens when an alert fires.
 
-    Every user hook is called first with the :class:`Alert`. Then ``"warn"`` emits one
+    Every user hook is called first with the :class:`Alert`, on global rank zero only (one Slack message, not
+    one per GPU; every rank sees the same alert). Then ``"warn"`` emits one
     :class:`InterpretationWarning`; ``"stop"`` warns and asks the trainer to stop at the end of the epoch (the
     decision is reduced over ranks by the callback, as ``EarlyStopping`` does); ``"raise"`` raises
     :class:`InterpretationAlert`.
@@ -70,8 +71,9 @@ class AlertPolicy:
         self.stop_requested = False
 
     def apply(self, alert: Alert, *, is_global_zero: bool = True) -> None:
-        for hook in self.hooks:
-            hook(alert)
+        if is_global_zero:
+            for hook in self.hooks:
+                hook(alert)
         if self.action == "raise":
             raise InterpretationAlert(alert)
         if is_global_zero:

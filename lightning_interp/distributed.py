@@ -6,8 +6,13 @@ import torch
 
 
 def shard_positions(n: int, rank: int, world_size: int) -> torch.Tensor:
-    """Positions ``rank, rank + world, ...`` of ``n`` items: a strided, balanced share for one rank."""
-    return torch.arange(rank, n, world_size)
+    """Positions ``rank, rank + world, ...`` of ``n`` items: a strided, balanced share for one rank.
+
+    A rank left without items (``n < world_size``) repeats item 0, so that every rank reaches the gather with
+    work to show; :func:`gather_by_index` drops the repeat.
+    """
+    positions = torch.arange(rank, n, world_size)
+    return positions if len(positions) else torch.zeros(1, dtype=torch.long)
 
 
 def gather_by_index(strategy, rows: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,4 +34,7 @@ def gather_by_index(strategy, rows: torch.Tensor, indices: torch.Tensor) -> tupl
         keep = all_idx >= 0
         rows, indices = all_rows[keep], all_idx[keep]
     order = torch.argsort(indices)
-    return rows[order], indices[order]
+    rows, indices = rows[order], indices[order]
+    unique = torch.ones(len(indices), dtype=torch.bool)
+    unique[1:] = indices[1:] != indices[:-1]  # an item repeated by an otherwise idle rank
+    return rows[unique], indices[unique]

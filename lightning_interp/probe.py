@@ -160,13 +160,18 @@ class ProbeData:
         yield from loader
 
     def batches(self, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """Yield ``(x, y or None, dataset indices)`` with ``x`` and ``y`` on ``device``."""
-        start = 0
-        for raw in self._raw_batches():
-            x, y = self.batch_to_xy(raw)
-            idx = self.indices[start : start + len(x)]
-            start += len(x)
-            yield x.to(device), (y.to(device) if y is not None else None), idx
+        """Yield ``(x, y or None, dataset indices)`` with ``x`` and ``y`` on ``device``.
+
+        The global RNG streams are restored when the iteration ends, so a dataset with random augmentation
+        never shifts the training run's shuffling or dropout, wherever the batches are read.
+        """
+        with preserved_rng():
+            start = 0
+            for raw in self._raw_batches():
+                x, y = self.batch_to_xy(raw)
+                idx = self.indices[start : start + len(x)]
+                start += len(x)
+                yield x.to(device), (y.to(device) if y is not None else None), idx
 
 
 @dataclass

@@ -178,22 +178,23 @@ class TrainingSnapshot(Callback):
         self.rng.append(torch.get_rng_state().clone())
 
 
-def fit_digits(tmp_path, callbacks, epochs=3, logger=False):
+def fit_digits(tmp_path, callbacks, epochs=3, logger=False, datamodule=None):
     pl.seed_everything(7, workers=True)
     model = DigitsCNN()
     model.bn2.eval()  # unusual but legal: a frozen BatchNorm must stay frozen
     trainer = make_trainer(tmp_path, callbacks, max_epochs=epochs, logger=logger)
-    trainer.fit(model, DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0))
+    trainer.fit(model, datamodule or DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0))
     return model, trainer
 
 
 
-def assert_same_training(tmp_path, callbacks, epochs=3, logger=False):
+def assert_same_training(tmp_path, callbacks, epochs=3, logger=False, datamodule_factory=None):
     """Train with and without ``callbacks``; weights, BatchNorm buffers, optimizer state, RNG streams and the
     modules' train/eval modes seen by the loop must be identical bit for bit. Returns the probed trainer."""
     spy_a, spy_b = TrainingSnapshot(), TrainingSnapshot()
-    plain, t_plain = fit_digits(tmp_path / "plain", [spy_a], epochs)
-    probed, t_probed = fit_digits(tmp_path / "probed", [*callbacks, spy_b], epochs, logger=logger)
+    make_dm = datamodule_factory or (lambda: None)
+    plain, t_plain = fit_digits(tmp_path / "plain", [spy_a], epochs, datamodule=make_dm())
+    probed, t_probed = fit_digits(tmp_path / "probed", [*callbacks, spy_b], epochs, logger=logger, datamodule=make_dm())
     for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
         assert torch.equal(a, b), f"{name} changed"
     opt_a, opt_b = t_plain.optimizers[0].state_dict(), t_probed.optimizers[0].state_dict()

@@ -1,9 +1,12 @@
 """All four callbacks together, each active every epoch: training untouched, every tag family in TensorBoard."""
 
-from conftest import assert_same_training, read_scalars, read_tags
+import torch
+from conftest import assert_same_training, make_trainer, read_scalars, read_tags
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_interp import ARMDrift, ComponentAttribution, LayerClusters, MirroredInfluence
 from lightning_interp._lightning import TensorBoardLogger
+from lightning_interp.demo import DigitsCNN, DigitsDataModule
 
 
 def test_all_callbacks_leave_training_bit_identical_and_log_everything(tmp_path):
@@ -25,3 +28,42 @@ def test_all_callbacks_leave_training_bit_identical_and_log_everything(tmp_path)
         assert any(tag.startswith(prefix) for tag in scalars), f"no {prefix} scalars in {sorted(scalars)}"
     tags = read_tags(tmp_path / "tb")
     assert any(t.startswith("clusters/") for t in tags["images"])
+
+
+class NoisyDigits(DigitsDataModule):
+    """Training images with random-noise augmentation drawn from the global torch RNG in ``__getitem__``."""
+
+    class Augmented(Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i] + 0.01 * torch.randn_like(self.x[i]), self.y[i]
+
+    def train_dataloader(self):
+        s = self.splits
+        return DataLoader(self.Augmented(s.x_train, s.y_train), batch_size=128, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+
+
+def test_probes_over_an_augmenting_dataset_leave_the_rng_alone(tmp_path):
+    """Reading the training set for probes, thumbnails or labels must not advance the training RNG."""
+    callbacks = [
+        LayerClusters(every_n_epochs=1, probe="train", probe_size=64, strict=True),
+        ComponentAttribution(at_checkpoints=False, every_n_epochs=1, probe="train", n_masks=40, n_eval_masks=8,
+                             probe_size=10, progress_bar=False, strict=True),
+        MirroredInfluence(every_n_epochs=1, strict=True),
+        ARMDrift(probe="train", strict=True),
+    ]
+    assert_same_training(tmp_path, callbacks, epochs=2, datamodule_factory=lambda: NoisyDigits(batch_size=128))
+    assert callbacks[0].results_ and callbacks[1].correlation_ is not None
+
+
+def test_arm_with_a_reselected_coreset_only_compares_the_same_samples(tmp_path):
+    arm = ARMDrift(probe_size=64, reselect_every_n_epochs=2, strict=True)
+    make_trainer(tmp_path, [arm], max_epochs=5).fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    # epoch 0: reference; 1: drift; 2: new coreset -> new reference; 3: drift; 4: new coreset again
+    assert [r["epoch"] for r in arm.history_] == [1, 3]

@@ -400,3 +400,20 @@ def test_final_model_is_analysed_when_no_checkpoint_came_due(tmp_path):
     assert cb.correlation_ is not None and len(cb.history_) == 1
     files = list((tmp_path / "tb" / "version_0" / "component_attributions").glob("*.components.pt"))
     assert len(files) == 1 and torch.load(files[0], weights_only=False)["attributions"].shape[1] == len(cb.component_names_)
+
+
+def test_weights_only_checkpoints_fall_back_to_the_epoch_schedule(tmp_path):
+    """Lightning never calls on_save_checkpoint for weights-only saves: say so and run on the epoch schedule."""
+    from conftest import make_trainer
+
+    from lightning_interp import ComponentAttribution, InterpretationWarning
+    from lightning_interp._lightning import ModelCheckpoint
+    from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+    cb = ComponentAttribution(every_n_epochs=1, n_masks=40, n_eval_masks=8, probe_size=10, progress_bar=False,
+                              strict=True)
+    weights_only = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
+    with pytest.warns(InterpretationWarning, match="only weights-only ModelCheckpoints"):
+        make_trainer(tmp_path, [cb, weights_only], max_epochs=2, enable_checkpointing=True).fit(
+            DigitsCNN(), DigitsDataModule(batch_size=128))
+    assert [r["epoch"] for r in cb.history_] == [0, 1]

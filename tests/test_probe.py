@@ -92,3 +92,16 @@ def test_cache_shares_one_pass_per_step_and_grows_to_the_union_of_layers():
     assert cache.forward_passes == 2  # the union was recorded by the second pass
     cache.get(model, probe, {"conv1": model.conv1}, step=1)
     assert cache.forward_passes == 3
+
+
+def test_batches_restore_the_rng_a_random_dataset_consumed():
+    class Random(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.rand(3), torch.tensor(i % 2)
+
+    state = torch.get_rng_state()
+    list(ProbeData(Random(), batch_size=4).batches())
+    assert torch.equal(torch.get_rng_state(), state)

@@ -117,6 +117,7 @@ class ARMDrift(InterpretationCallback):
         self.settled_layers_: list[str] = []
         self.reference_epoch_: int | None = None
         self._reference: dict[str, Tensor] | None = None  # sorted [n, units] per layer
+        self._reference_indices: Tensor | None = None  # the probe's dataset indices when it was recorded
         self._streaks: dict[str, int] = {}
         self._peaks: dict[str, float] = {}
         self._checked_shapes = False
@@ -137,8 +138,18 @@ class ARMDrift(InterpretationCallback):
         current = {name: sort_samples(act) for name, act in outs.activations.items()}
         shift = self._shift_arm(trainer, pl_module, probe, layers, current) if self.shift_data is not None else None
 
+        resampled = self._reference_indices is not None and not torch.equal(self._reference_indices, probe.indices)
+        if self._reference is not None and resampled:
+            if self.reference == "previous":  # a re-selected coreset: drift resumes from the next analysis
+                self._reference, self.reference_epoch_, self._reference_indices = current, epoch, probe.indices
+                return
+            self.warn_once(
+                "reference:resampled",
+                f"ARMDrift: the probe coreset was re-selected after the reference epoch {self.reference_epoch_}; "
+                "ARM now compares two different samples of the data (their distributions, not the same points)",
+            )
         if self._reference is None:
-            self._take_reference_if_due(epoch, current)
+            self._take_reference_if_due(epoch, current, probe.indices)
             if shift is not None:
                 self._log_shift(trainer, shift, record=None)
             return
@@ -157,7 +168,7 @@ class ARMDrift(InterpretationCallback):
         self._update_settled(trainer, record)
         self._log(record)
         if self.reference == "previous":
-            self._reference, self.reference_epoch_ = current, epoch
+            self._reference, self.reference_epoch_, self._reference_indices = current, epoch, probe.indices
         if self.plot_every_n_epochs and len(self.history_) % self.plot_every_n_epochs == 0:
             self._log_heatmap()
 
@@ -171,7 +182,7 @@ class ARMDrift(InterpretationCallback):
                 f"are counted from 0); no drift will be reported. Use reference='first' or an epoch < {max_epochs}",
             )
 
-    def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor]) -> None:
+    def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor], indices: Tensor) -> None:
         target = self.reference
         if isinstance(target, int) and epoch < target:
             return  # drift is reported from the first analysis after the reference epoch
@@ -182,7 +193,7 @@ class ARMDrift(InterpretationCallback):
                 "never recorded (resumed from a checkpoint without ARMDrift state?); no drift can be reported",
             )
             return
-        self._reference, self.reference_epoch_ = current, epoch
+        self._reference, self.reference_epoch_, self._reference_indices = current, epoch, indices
 
     def _shift_arm(self, trainer, pl_module, probe, layers, current) -> ARMResult:
         dataset = self.shift_data.dataset if isinstance(self.shift_data, DataLoader) else self.shift_data
@@ -299,6 +310,7 @@ class ARMDrift(InterpretationCallback):
             "streaks": dict(self._streaks),
             "peaks": dict(self._peaks),
             "reference_epoch": self.reference_epoch_,
+            "reference_indices": self._reference_indices,
         }
         if self.keep_reference_in_checkpoint and self._reference is not None:
             state["reference_activations"] = {n: t.contiguous().clone() for n, t in self._reference.items()}
@@ -310,6 +322,7 @@ class ARMDrift(InterpretationCallback):
         self._streaks = dict(state.get("streaks", {}))
         self._peaks = dict(state.get("peaks", {}))
         self.reference_epoch_ = state.get("reference_epoch")
+        self._reference_indices = state.get("reference_indices")
         reference = state.get("reference_activations")
         self._reference = dict(reference) if reference is not None else None
         if self._reference is None:

@@ -334,6 +334,7 @@ class InterpretationCallback(Callback):
                 seed=self.seed + trainer.current_epoch,
             )
         self._probe_indices = full.indices[positions].sort().values
+        self._selected_epoch = trainer.current_epoch  # before the fidelity check, which may fail
         coreset = full.subset(positions)
         record: dict[str, Any] = {
             "epoch": trainer.current_epoch,

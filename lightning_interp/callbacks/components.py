@@ -124,11 +124,14 @@ class ComponentAttribution(InterpretationCallback):
     # -- schedule ------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.at_checkpoints and not trainer.checkpoint_callbacks:
+        full_checkpoints = [cb for cb in trainer.checkpoint_callbacks if not getattr(cb, "save_weights_only", False)]
+        if self.at_checkpoints and not full_checkpoints:
+            # Lightning calls on_save_checkpoint only for full checkpoints, so weights-only ones never trigger it.
             self._use_epoch_schedule = True
+            found = "only weights-only ModelCheckpoints" if trainer.checkpoint_callbacks else "no ModelCheckpoint"
             self.warn_once(
                 "no_checkpoint",
-                "ComponentAttribution(at_checkpoints=True) found no ModelCheckpoint; it runs at the end of every "
+                f"ComponentAttribution(at_checkpoints=True) found {found}; it runs at the end of every "
                 f"{self.every_n_epochs}-th epoch instead",
             )
 

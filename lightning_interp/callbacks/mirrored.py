@@ -178,14 +178,14 @@ class MirroredInfluence(InterpretationCallback):
 
     def _mirrored_scores(self, trainer, pl_module, probe: ProbeData, logits: Tensor, labels: Tensor) -> Tensor:
         """``ℓ(θ'_T) − ℓ(θ)`` per probe row; under DDP each rank scores its shard and all gather it."""
-        x_t, y_t = self._trusted_xy
+        device = model_device(pl_module)
+        x_t, y_t = (t.to(device) for t in self._trusted_xy)  # kept on the CPU between runs
         with evaluation_mode(pl_module, grad=True):
             _, updated, buffers = trained_copy(pl_module, x_t, y_t, self.rule)
         before = F.cross_entropy(logits.float(), labels, reduction="none")
         shard = probe
         if trainer.world_size > 1:
             shard = probe.subset(shard_positions(len(probe), trainer.global_rank, trainer.world_size))
-        device = model_device(pl_module)
         after, index = [], []
         with evaluation_mode(pl_module):
             for x, y, idx in shard.batches(device):
@@ -224,7 +224,8 @@ class MirroredInfluence(InterpretationCallback):
         lr = _current_lr(trainer)
         checked = torch.cat([flagged, reference]).unique()
         check = ProbeData(probe.dataset, checked, self.batch_size, self.batch_to_xy)
-        x, y = torch.cat([b[0] for b in check.batches("cpu")]), torch.cat([b[1] for b in check.batches("cpu")])
+        batches = list(check.batches("cpu"))
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         with evaluation_mode(pl_module, grad=True):
             values = self_influence(pl_module, x, y) * lr
         for i, v in zip(check.indices.tolist(), values.tolist()):
