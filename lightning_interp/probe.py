@@ -87,6 +87,25 @@ def evaluation_mode(model: nn.Module, grad: bool | None = False) -> Iterator[nn.
             module.training = was_training
 
 
+@contextlib.contextmanager
+def inputs_in_model_dtype(model: nn.Module) -> Iterator[None]:
+    """Cast floating inputs of ``model``'s forward to its parameters' dtype (``precision="bf16-true"`` and
+    ``"16-true"`` keep float32 data but bf16/fp16 weights). The hook exists only inside the block."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype == torch.float32:
+        yield
+        return
+
+    def cast(_module, args):
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    handle = model.register_forward_pre_hook(cast)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
     for tensor in (*model.parameters(), *model.buffers()):

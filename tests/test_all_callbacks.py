@@ -67,3 +67,17 @@ def test_arm_with_a_reselected_coreset_only_compares_the_same_samples(tmp_path):
     make_trainer(tmp_path, [arm], max_epochs=5).fit(DigitsCNN(), DigitsDataModule(batch_size=128))
     # epoch 0: reference; 1: drift; 2: new coreset -> new reference; 3: drift; 4: new coreset again
     assert [r["epoch"] for r in arm.history_] == [1, 3]
+
+
+def test_true_half_precision_models_are_analysed(tmp_path):
+    """precision="bf16-true" keeps float32 data but bf16 weights: every callback must still run (strict)."""
+    callbacks = [
+        ARMDrift(strict=True),
+        MirroredInfluence(every_n_epochs=1, strict=True),
+        ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=40, n_eval_masks=8, probe_size=10,
+                             progress_bar=False, strict=True),
+        LayerClusters(every_n_epochs=1, probe_size=128, strict=True),
+    ]
+    make_trainer(tmp_path, callbacks, max_epochs=2, precision="bf16-true").fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    assert len(callbacks[0].history_) == 1 and callbacks[1].scores_.isfinite().all()
+    assert callbacks[2].correlation_ is not None and callbacks[3].results_

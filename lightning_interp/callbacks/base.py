@@ -20,7 +20,7 @@ from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
 from ..capture import select_layers
 from ..distributed import gather_by_index, shard_positions
-from ..probe import BatchToXY, ProbeCache, ProbeData, ProbeDataError, ProbeOutputs
+from ..probe import BatchToXY, ProbeCache, ProbeData, ProbeDataError, ProbeOutputs, inputs_in_model_dtype
 from ..report import Reporter, markdown_table
 
 ProbeSource = Union[Literal["train", "val"], Dataset]
@@ -218,8 +218,9 @@ class InterpretationCallback(Callback):
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
         self.policy.stop_requested = False
         try:
-            probe = self.resolve_probe(trainer, pl_module)
-            self.compute(trainer, pl_module, probe)
+            with inputs_in_model_dtype(pl_module):
+                probe = self.resolve_probe(trainer, pl_module)
+                self.compute(trainer, pl_module, probe)
         except InterpretationAlert:
             raise
         except Exception as err:  # a failing analysis must never end the user's training run
