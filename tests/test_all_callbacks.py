@@ -9,14 +9,19 @@ from lightning_interp._lightning import TensorBoardLogger
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
 
 
-def test_all_callbacks_leave_training_bit_identical_and_log_everything(tmp_path):
-    callbacks = [
+def every_epoch_callbacks():
+    """All four callbacks, each active every epoch, small enough for a test, strict."""
+    return [
         ARMDrift(strict=True),
         MirroredInfluence(every_n_epochs=1, strict=True),
         ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=60, n_eval_masks=10, probe_size=10,
                              progress_bar=False, strict=True),
         LayerClusters(every_n_epochs=1, probe_size=128, strict=True),
     ]
+
+
+def test_all_callbacks_leave_training_bit_identical_and_log_everything(tmp_path):
+    callbacks = every_epoch_callbacks()
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     assert_same_training(tmp_path, callbacks, epochs=3, logger=logger)
 
@@ -71,13 +76,7 @@ def test_arm_with_a_reselected_coreset_only_compares_the_same_samples(tmp_path):
 
 def test_true_half_precision_models_are_analysed(tmp_path):
     """precision="bf16-true" keeps float32 data but bf16 weights: every callback must still run (strict)."""
-    callbacks = [
-        ARMDrift(strict=True),
-        MirroredInfluence(every_n_epochs=1, strict=True),
-        ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=40, n_eval_masks=8, probe_size=10,
-                             progress_bar=False, strict=True),
-        LayerClusters(every_n_epochs=1, probe_size=128, strict=True),
-    ]
+    callbacks = every_epoch_callbacks()
     make_trainer(tmp_path, callbacks, max_epochs=2, precision="bf16-true").fit(DigitsCNN(), DigitsDataModule(batch_size=128))
     assert len(callbacks[0].history_) == 1 and callbacks[1].scores_.isfinite().all()
     assert callbacks[2].correlation_ is not None and callbacks[3].results_

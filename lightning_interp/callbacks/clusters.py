@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..methods.dpgmm import (
-    INIT_METHODS,
-    SCALES,
     ClusterFit,
+    check_fit_options,
     colorize_labels,
     fit_dpgmm,
     fit_label_maps,
@@ -107,25 +106,15 @@ class LayerClusters(InterpretationCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, probe=probe, probe_size=probe_size, **kwargs)
-        if not isinstance(truncation, int) or truncation < 1:
-            raise ValueError(f"truncation must be an int >= 1, got {truncation!r}")
-        if not concentration > 0:
-            raise ValueError(f"concentration must be > 0, got {concentration!r}")
-        if covariance_type not in ("diag", "spherical", "tied", "full"):
-            raise ValueError(f"covariance_type must be 'diag', 'spherical', 'tied' or 'full', got {covariance_type!r}")
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
-        if init_params not in INIT_METHODS:
-            raise ValueError(f"init_params must be one of {list(INIT_METHODS)}, got {init_params!r}")
-        for name, value in [("max_dims", max_dims), ("max_iter", max_iter), ("n_init", n_init),
-                            ("label_map_fit_images", label_map_fit_images),
+        check_fit_options(truncation=truncation, concentration=concentration, max_dims=max_dims,
+                          weight_cutoff=weight_cutoff, covariance_type=covariance_type, init_params=init_params,
+                          max_iter=max_iter, n_init=n_init, scale=scale)
+        for name, value in [("label_map_fit_images", label_map_fit_images),
                             ("max_label_map_positions", max_label_map_positions)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(label_map_images, int) or label_map_images < 0:
             raise ValueError(f"label_map_images must be an int >= 0, got {label_map_images!r}")
-        if not 0 <= weight_cutoff < 1:
-            raise ValueError(f"weight_cutoff must be in [0, 1), got {weight_cutoff!r}")
         if embeddings not in ("last", "all", "none"):
             raise ValueError(f"embeddings must be 'last', 'all' or 'none', got {embeddings!r}")
         if max_change is not None and not max_change > 0:

@@ -165,24 +165,24 @@ INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 MIN_ROWS_PER_COMPONENT = 4
 
 
-def _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init,
-              scale):
-    if truncation < 1:
-        raise ValueError(f"truncation must be >= 1, got {truncation}")
+def check_fit_options(
+    *, truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init, scale
+) -> None:
+    """Raise a clear ``ValueError`` for a DP-GMM option out of range (shared by :func:`fit_dpgmm` and
+    ``LayerClusters``, which checks at construction so a bad YAML fails before training)."""
+    for name, value in [("truncation", truncation), ("max_dims", max_dims), ("max_iter", max_iter), ("n_init", n_init)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not concentration > 0:
-        raise ValueError(f"concentration must be > 0, got {concentration}")
-    if max_dims < 1:
-        raise ValueError(f"max_dims must be >= 1, got {max_dims}")
+        raise ValueError(f"concentration must be > 0, got {concentration!r}")
     if not 0 <= weight_cutoff < 1:
-        raise ValueError(f"weight_cutoff must be in [0, 1), got {weight_cutoff}")
+        raise ValueError(f"weight_cutoff must be in [0, 1), got {weight_cutoff!r}")
     if covariance_type not in ("diag", "spherical", "full", "tied"):
         raise ValueError(f"covariance_type must be 'diag', 'spherical', 'full' or 'tied', got {covariance_type!r}")
     if init_params not in INIT_METHODS:
         raise ValueError(f"init_params must be one of {list(INIT_METHODS)}, got {init_params!r}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
-    if max_iter < 1 or n_init < 1:
-        raise ValueError(f"max_iter and n_init must be >= 1, got {max_iter} and {n_init}")
 
 
 def fit_dpgmm(
@@ -235,8 +235,9 @@ def fit_dpgmm(
 
 def _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims, weight_cutoff, max_iter,
          init_params, n_init, max_fit_rows, seed) -> ClusterFit:
-    _validate(truncation, concentration, max_dims, weight_cutoff, covariance_type, init_params, max_iter, n_init,
-              scale)
+    check_fit_options(truncation=truncation, concentration=concentration, max_dims=max_dims,
+                      weight_cutoff=weight_cutoff, covariance_type=covariance_type, init_params=init_params,
+                      max_iter=max_iter, n_init=n_init, scale=scale)
     if x.dim() != 2:
         raise ValueError(f"expected activations [N, D], got shape {tuple(x.shape)}; use spatial_samples for maps")
     if classes is not None and len(classes) != len(x):
