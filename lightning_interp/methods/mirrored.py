@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.data import TensorDataset
 
-from ..probe import evaluation_mode, model_device
+from ..probe import ProbeData, evaluation_mode, model_device, run_probe
 
 Optimizer = Literal["sgd", "adam"]
 OPTIMIZERS = ("sgd", "adam")
@@ -270,30 +271,11 @@ def relative_head_influence(query_logits: Tensor, query_features: Tensor, query_
 
 
 @torch.no_grad()
-def logits_and_head_inputs(model: nn.Module, x: Tensor, *, head: str | None = None, chunk: int = 1024,
-                           ) -> tuple[Tensor, Tensor]:
-    """Logits and penultimate features (the head's flattened input) of ``x`` in eval mode, on CPU."""
-    params, buffers = parameter_copy(model)
-    device = model_device(model)
-    logits, features = [], []
-    with evaluation_mode(model, grad=None):
-        num_classes = logits_of(model, params, buffers, x[:1].to(device)).shape[1]
-        module = model.get_submodule(head or find_classifier_head(model, num_classes))
-        handle = module.register_forward_pre_hook(lambda _m, args: features.append(args[0].flatten(1).cpu()))
-        try:
-            for start in range(0, len(x), chunk):
-                logits.append(logits_of(model, params, buffers, x[start:start + chunk].to(device)).cpu())
-        finally:
-            handle.remove()
-    return torch.cat(logits), torch.cat(features)
-
-
-def find_classifier_head(model: nn.Module, num_classes: int) -> str:
-    """Name of the last ``nn.Linear`` with ``num_classes`` outputs."""
-    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    if not heads:
-        raise ValueError(f"no nn.Linear with {num_classes} outputs (the classifier head) found in the model")
-    return heads[-1]
+def logits_and_head_inputs(model: nn.Module, x: Tensor, *, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Logits and penultimate features (the input of the output head, as the callback reads them) of ``x``, on
+    CPU: one :func:`~lightning_interp.probe.run_probe` pass (eval mode, no grad, modes and RNG restored)."""
+    outs = run_probe(model, ProbeData(TensorDataset(x), batch_size=chunk), features=True)
+    return outs.outputs, outs.features
 
 
 # ---- the reference rule: full-model ascent per query, |Δloss| (the authors' leakage code) --------------
