@@ -295,6 +295,26 @@ def test_does_not_disturb_training(tmp_path, dm):
     assert all(torch.equal(plain[k], probed[k]) for k in plain)
 
 
+@pytest.mark.parametrize("trainer_kwargs, expect_tap", [({}, True), ({"limit_val_batches": 1}, False)])
+def test_reads_the_trainers_validation_pass_instead_of_a_second_forward(tmp_path, dm, trainer_kwargs, expect_tap):
+    def run(reuse):
+        cb = ARMDrift(reuse_validation=reuse, strict=True)
+        own_passes = []
+        original = cb.forward_probe
+        cb.forward_probe = lambda *a, **k: own_passes.append(1) or original(*a, **k)
+        pl.seed_everything(3)
+        make_trainer(tmp_path, [cb], max_epochs=3, logger=False, **trainer_kwargs).fit(DigitsCNN(), dm)
+        return cb, len(own_passes)
+
+    tapped, tapped_passes = run(True)
+    own, own_passes = run(False)
+    assert own_passes == 3 and tapped_passes == (0 if expect_tap else 3)  # limit_val_batches=1: a partial pass
+    assert len(tapped.history_) == len(own.history_) == 2
+    for a, b in zip(tapped.history_, own.history_):
+        assert a["per_layer"] == pytest.approx(b["per_layer"], abs=1e-6)
+    assert tapped._tap is None and all(not m._forward_hooks for m in tapped.select_layers(DigitsCNN()).values())
+
+
 def test_constructor_validation():
     with pytest.raises(ValueError, match="reference must be 'previous', 'first' or an epoch number"):
         ARMDrift(reference="last")

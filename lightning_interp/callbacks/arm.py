@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..capture import ActivationRecorder
 from ..methods.arm import ARMResult, arm_from_activations, sort_samples
 from ..probe import ProbeData
 from ..report import markdown_table
@@ -48,6 +49,11 @@ class ARMDrift(InterpretationCallback):
             analysed epochs (``None``: only at the end of training; a render costs ~0.1-0.3 s).
         keep_reference_in_checkpoint: store the reference activations in ``state_dict`` (probe size x units
             floats per layer) so a resumed run continues drift against the same reference.
+        reuse_validation: with ``probe="val"`` and no coreset, record the layers during the trainer's own
+            validation pass of a scheduled epoch instead of running a second forward pass over the validation
+            set (the same eval-mode activations at the same weights). Falls back to its own pass when the
+            trainer did not validate that epoch, validated only part of the set (``limit_val_batches``,
+            ``drop_last``), has several validation loaders, or runs on several processes.
         **kwargs: the base options (``every_n_epochs``, ``probe``, ``probe_size``, ``layers``, ``alert_action``,
             ``strict``, ...), see :class:`~lightning_interp.callbacks.base.InterpretationCallback`.
 
@@ -74,6 +80,7 @@ class ARMDrift(InterpretationCallback):
         settle_epochs: int = 3,
         plot_every_n_epochs: int | None = None,
         keep_reference_in_checkpoint: bool = True,
+        reuse_validation: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -112,6 +119,7 @@ class ARMDrift(InterpretationCallback):
         self.settle_epochs = settle_epochs
         self.plot_every_n_epochs = plot_every_n_epochs
         self.keep_reference_in_checkpoint = keep_reference_in_checkpoint
+        self.reuse_validation = reuse_validation
 
         self.history_: list[dict[str, Any]] = []
         self.settled_layers_: list[str] = []
@@ -121,6 +129,8 @@ class ARMDrift(InterpretationCallback):
         self._streaks: dict[str, int] = {}
         self._peaks: dict[str, float] = {}
         self._checked_shapes = False
+        self._tap: tuple[ActivationRecorder, int, int] | None = None
+        self._tapped: tuple[int, int, dict[str, Tensor]] | None = None  # (epoch, step, activations)
 
     @property
     def state_key(self) -> str:
@@ -134,8 +144,10 @@ class ARMDrift(InterpretationCallback):
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         epoch = trainer.current_epoch
         layers = self.select_layers(pl_module)
-        outs = self.forward_probe(trainer, pl_module, probe, layers)
-        current = {name: sort_samples(act) for name, act in outs.activations.items()}
+        activations = self._take_tapped(trainer, probe)
+        if activations is None:
+            activations = self.forward_probe(trainer, pl_module, probe, layers).activations
+        current = {name: sort_samples(act) for name, act in activations.items()}
         shift = self._shift_arm(trainer, pl_module, probe, layers, current) if self.shift_data is not None else None
 
         resampled = self._reference_indices is not None and not torch.equal(self._reference_indices, probe.indices)
@@ -181,6 +193,60 @@ class ARMDrift(InterpretationCallback):
                 f"ARMDrift: reference epoch {self.reference} will never be reached (max_epochs={max_epochs}, epochs "
                 f"are counted from 0); no drift will be reported. Use reference='first' or an epoch < {max_epochs}",
             )
+
+    # -- reading the trainer's own validation pass ---------------------------------------------------------
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._stop_tap()
+        if (
+            self.reuse_validation
+            and self.probe == "val"
+            and self.probe_size is None
+            and not trainer.sanity_checking
+            and trainer.world_size == 1
+            and self._is_due(trainer.current_epoch)
+            and len(_as_list(trainer.val_dataloaders)) == 1
+        ):
+            try:
+                layers = self.select_layers(pl_module)
+            except Exception:
+                return  # compute() reports it
+            recorder = ActivationRecorder(pl_module, layers, pool=True, to_cpu=True)
+            self._tap = (recorder.__enter__(), trainer.current_epoch, trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._tap is None:
+            return
+        recorder, epoch, step = self._tap
+        self._stop_tap()
+        activations = {name: act.float() for name, act in recorder.stacked().items()}
+        self._tapped = (epoch, step, activations) if len(activations) == len(recorder.layers) else None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stop_tap()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._stop_tap()
+        self._tapped = None
+
+    def _stop_tap(self) -> None:
+        if self._tap is not None:
+            self._tap[0].remove()
+            self._tap = None
+
+    def _take_tapped(self, trainer, probe: ProbeData) -> dict[str, Tensor] | None:
+        """This epoch's activations from the validation pass, if they cover exactly the whole probe."""
+        tapped, self._tapped = self._tapped, None
+        if tapped is None or self.probe != "val" or self.probe_size is not None:
+            return None
+        epoch, step, activations = tapped
+        loader = _as_list(trainer.val_dataloaders)[0]
+        covers_probe = (
+            getattr(loader, "dataset", None) is probe.dataset
+            and len(probe) == probe.dataset_size
+            and all(len(act) == len(probe) for act in activations.values())
+        )
+        same_weights = (epoch, step) == (trainer.current_epoch, trainer.global_step)
+        return activations if covers_probe and same_weights else None
 
     def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor], indices: Tensor) -> None:
         target = self.reference
@@ -327,6 +393,14 @@ class ARMDrift(InterpretationCallback):
         self._reference = dict(reference) if reference is not None else None
         if self._reference is None:
             self.reference_epoch_ = None
+
+
+def _as_list(loaders) -> list:
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 def _input_shape(probe: ProbeData) -> tuple[int, ...]:
