@@ -19,9 +19,9 @@ from ..methods.dpgmm import (
     ClusterFit,
     check_fit_options,
     colorize_labels,
-    fit_dpgmm,
-    fit_label_maps,
+    fit_dpgmm_many,
     single_threaded,
+    spatial_samples,
 )
 from ..plots import looks_like_images
 from ..probe import ProbeData, ProbeOutputs, run_probe
@@ -147,16 +147,17 @@ class LayerClusters(InterpretationCallback):
         maps, inputs = self._label_map_activations(pl_module, probe, layers)
         epoch = trainer.current_epoch
         previous = {name: r["n_clusters"] for name, r in self.results_.items()}
+        requests = {(name, "samples"): (outs.activations[name].flatten(1), classes, None) for name in layers}
+        requests.update({(name, "positions"): (spatial_samples(m), None, self.max_label_map_positions)
+                         for name, m in maps.items()})
+        fits = self._fit_all(requests)
         results: dict[str, dict[str, Any]] = {}
         for name in layers:
-            fit = self._fit(name, "samples", fit_dpgmm, outs.activations[name].flatten(1), classes)
+            fit = fits.get((name, "samples"))
             if fit is None:
                 continue
-            position_fit, label_maps = None, None
-            if name in maps:
-                fitted = self._fit(name, "positions", fit_label_maps, maps[name])
-                if fitted is not None:
-                    position_fit, label_maps = fitted
+            position_fit = fits.get((name, "positions"))
+            label_maps = position_fit.labels.view(maps[name].shape[0], *maps[name].shape[2:]) if position_fit else None
             results[name] = {
                 "n_clusters": fit.n_clusters, "weights": fit.weights, "nmi": fit.nmi, "ari": fit.ari,
                 "labels": fit.labels, "position_clusters": position_fit.n_clusters if position_fit else None,
@@ -172,22 +173,22 @@ class LayerClusters(InterpretationCallback):
             self.reporter.log_text(f"{self.tag}/summary", self.summary_table(results, layers))
         self._check_alerts(trainer, results, previous)
 
-    def _fit(self, layer: str, kind: str, method, values, *args):
-        """Run one fit; its warnings become one warning per layer and kind, a failure skips the layer."""
-        extra = {"max_fit_rows": self.max_label_map_positions} if kind == "positions" else {}
-        result, error = None, None
+    def _fit_all(self, requests: dict[tuple[str, str], tuple]) -> dict[tuple[str, str], ClusterFit]:
+        """All of this run's fits in one batched call; a warning once per layer and kind, failures skip it."""
+        keys = list(requests)
+        names = [f"layer {layer!r} ({kind})" for layer, kind in keys]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                result = method(values, *args, **self.fit_options, **extra)
-            except ValueError as err:
-                error = err
+            results = fit_dpgmm_many([requests[k] for k in keys], names=names, **self.fit_options)
         for w in caught:  # keyed without its numbers: a NaN count that changes per epoch still warns once
-            self.warn_once(f"{layer}:{kind}:{re.sub(r'[0-9]+', '#', str(w.message))}",
-                           f"{type(self).__name__}: layer {layer!r} ({kind}): {w.message}")
-        if error is not None:
-            self.warn_once(f"skip:{layer}:{kind}", f"{type(self).__name__}: layer {layer!r} ({kind}) skipped: {error}")
-        return result
+            self.warn_once(re.sub(r"[0-9]+", "#", str(w.message)), f"{type(self).__name__}: {w.message}")
+        fits = {}
+        for key, name, result in zip(keys, names, results):
+            if isinstance(result, Exception):
+                self.warn_once(f"skip:{name}", f"{type(self).__name__}: {name} skipped: {result}")
+            else:
+                fits[key] = result
+        return fits
 
     def _label_map_activations(self, pl_module, probe: ProbeData, layers):
         """Unpooled maps ``[B, C, *spatial]`` of the conv layers for the first probe images, and the shown inputs."""

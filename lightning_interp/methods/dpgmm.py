@@ -23,8 +23,9 @@ kept, so the PCA below is a covariance PCA) or each by its own standard deviatio
 correlation PCA, where a noise unit weighs as much as an informative one). Then, when more than
 ``max_dims`` features remain, they are projected on the leading ``max_dims`` principal axes (torch, on the
 tensor's device; :func:`pca_reduce`). Scores are not whitened, so minor axes do not amplify noise. The
-mixture itself runs in scikit-learn on CPU, float64, seeded by ``seed`` only (torch's and numpy's global
-RNGs are untouched).
+mixture itself runs in torch (:mod:`~lightning_interp.methods.vbgmm`, scikit-learn's updates, float32 on CPU,
+several fits in one batch) or in scikit-learn, seeded by ``seed`` only (torch's and numpy's global RNGs are
+untouched).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import BayesianGaussianMixture
 from threadpoolctl import ThreadpoolController
 
+from .vbgmm import MixtureFit, fit_dp_mixtures
+
 __all__ = [
     "ClusterFit",
     "DEFAULT_WEIGHT_CUTOFF",
@@ -47,6 +50,7 @@ __all__ = [
     "rescale",
     "pca_reduce",
     "fit_dpgmm",
+    "fit_dpgmm_many",
     "spatial_samples",
     "fit_label_maps",
     "cluster_agreement",
@@ -185,6 +189,9 @@ def check_fit_options(
         raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
 
 
+BACKENDS = ("auto", "torch", "sklearn")
+
+
 def fit_dpgmm(
     x: torch.Tensor,
     classes: torch.Tensor | None = None,
@@ -200,6 +207,7 @@ def fit_dpgmm(
     n_init: int = 1,
     max_fit_rows: int | None = None,
     seed: int = 0,
+    backend: str = "auto",
 ) -> ClusterFit:
     """Fit a variational DP-GMM to the rows of ``x [N, D]`` (e.g. pooled activations of one layer).
 
@@ -217,27 +225,128 @@ def fit_dpgmm(
         weight_cutoff: a component counts in ``n_clusters`` when its expected weight is at least this
             and at least one row is assigned to it (empty components keep ~1/(N+2) of the stick).
         max_iter: variational EM iterations per initialisation.
-        init_params: scikit-learn initialisation of the responsibilities. ``"kmeans"`` (k-means with
-            ``truncation`` centres) recovered planted groups best in ``benchmarks/clusters.py``;
-            ``"k-means++"`` (seeding only) is cheaper but merged groups more often in our trials.
+        init_params: initialisation of the responsibilities. ``"kmeans"`` (k-means with ``truncation``
+            centres) recovered planted groups best in ``benchmarks/clusters.py``; ``"k-means++"`` (seeding
+            only) is cheaper but merged groups more often in our trials; ``"random"`` and
+            ``"random_from_data"`` are scikit-learn's.
         n_init: initialisations; the one with the highest evidence lower bound is kept.
         max_fit_rows: fit on a seeded random subset of this many rows, then assign every row
             (bounds the cost of per-position fits); ``None`` fits on all rows.
         seed: the only source of randomness of the fit.
+        backend: ``"torch"`` (:mod:`~lightning_interp.methods.vbgmm`: the same updates as scikit-learn,
+            float32, several fits batched), ``"sklearn"`` (``BayesianGaussianMixture``), or ``"auto"``:
+            torch for diagonal covariances with k-means initialisation, scikit-learn otherwise.
 
     Returns:
         A :class:`ClusterFit`; tensors on CPU.
     """
-    with single_threaded():
-        return _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims, weight_cutoff,
-                    max_iter, init_params, n_init, max_fit_rows, seed)
+    options = dict(truncation=truncation, concentration=concentration, covariance_type=covariance_type,
+                   scale=scale, max_dims=max_dims, weight_cutoff=weight_cutoff, max_iter=max_iter,
+                   init_params=init_params, n_init=n_init, seed=seed, backend=backend)
+    result = fit_dpgmm_many([(x, classes, max_fit_rows)], **options)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
-def _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims, weight_cutoff, max_iter,
-         init_params, n_init, max_fit_rows, seed) -> ClusterFit:
+def fit_dpgmm_many(
+    requests: list[tuple[torch.Tensor, torch.Tensor | None, int | None]],
+    *,
+    truncation: int = 50,
+    concentration: float = 1.0,
+    covariance_type: str = "diag",
+    scale: str = "global",
+    max_dims: int = 8,
+    weight_cutoff: float = DEFAULT_WEIGHT_CUTOFF,
+    max_iter: int = 100,
+    init_params: str = "kmeans",
+    n_init: int = 1,
+    seed: int = 0,
+    backend: str = "auto",
+    names: list[str] | None = None,
+) -> list[ClusterFit | Exception]:
+    """:func:`fit_dpgmm` for several ``(x, classes, max_fit_rows)`` requests with the same options.
+
+    On the torch backend, fits of the same shape run as one batch (one EM loop for all of them). A request
+    that cannot be fitted returns its ``ValueError`` in its place, so one bad layer does not stop the others. With ``names`` (one per request), each warning a
+    request causes starts with its name.
+    """
     check_fit_options(truncation=truncation, concentration=concentration, max_dims=max_dims,
                       weight_cutoff=weight_cutoff, covariance_type=covariance_type, init_params=init_params,
                       max_iter=max_iter, n_init=n_init, scale=scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    use_torch = backend == "torch" or (
+        backend == "auto" and covariance_type == "diag" and init_params in ("kmeans", "k-means++")
+    )
+    if use_torch and (covariance_type != "diag" or init_params not in ("kmeans", "k-means++")):
+        raise ValueError("backend='torch' fits diagonal covariances with k-means initialisation only; "
+                         f"got covariance_type={covariance_type!r}, init_params={init_params!r}")
+    results: list[ClusterFit | Exception | None] = [None] * len(requests)
+    prepared: list[tuple[int, _Prepared]] = []
+    with single_threaded():
+        for i, (x, classes, max_fit_rows) in enumerate(requests):
+            try:
+                with _named_warnings(names[i] if names else None):
+                    ready = _prepare(x, classes, truncation, scale, max_dims, max_fit_rows, seed)
+            except ValueError as err:
+                results[i] = err
+                continue
+            if ready.constant:
+                results[i] = _finish(ready.labels, torch.ones(1), classes, n_components=1, n_dims=0, kept=1.0,
+                                     converged=True, n_iter=0, weight_cutoff=weight_cutoff, constant=True)
+            else:
+                prepared.append((i, ready))
+        fit_one = _fit_sklearn if not use_torch else None
+        if fit_one is not None:
+            for i, ready in prepared:
+                results[i] = _finish_fit(ready, fit_one(ready, concentration, covariance_type, max_iter, n_init,
+                                                        init_params, seed), weight_cutoff)
+        else:
+            groups: dict[tuple, list[tuple[int, _Prepared]]] = {}
+            for i, ready in prepared:
+                key = (ready.fit_rows.shape, ready.features.shape, ready.n_components)
+                groups.setdefault(key, []).append((i, ready))
+            for members in groups.values():
+                fits = fit_dp_mixtures(
+                    torch.stack([r.fit_rows for _, r in members]),
+                    torch.stack([r.features for _, r in members]),
+                    n_components=members[0][1].n_components, concentration=concentration, max_iter=max_iter,
+                    n_init=n_init, seed=seed, kmeans_iter=100 if init_params == "kmeans" else 0,
+                )
+                for (i, ready), fit in zip(members, fits):
+                    results[i] = _finish_fit(ready, fit, weight_cutoff)
+    return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _named_warnings(name: str | None):
+    """Re-issue the warnings raised inside with ``name: `` in front (unchanged without a name)."""
+    if name is None:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn(f"{name}: {w.message}", w.category, stacklevel=4)
+
+
+@dataclass
+class _Prepared:
+    """A request after filtering, rescaling and PCA: what the mixture sees."""
+
+    labels: torch.Tensor  # [N] filled with -1 for non-finite rows, 0 elsewhere
+    finite: torch.Tensor
+    classes: torch.Tensor | None
+    features: torch.Tensor = None  # type: ignore[assignment]  # [M, d] float32, every finite row
+    fit_rows: torch.Tensor = None  # type: ignore[assignment]  # [n, d], the rows fitted on
+    n_components: int = 1
+    kept: float = 1.0
+    constant: bool = False
+
+
+def _prepare(x, classes, truncation, scale, max_dims, max_fit_rows, seed) -> _Prepared:
     if x.dim() != 2:
         raise ValueError(f"expected activations [N, D], got shape {tuple(x.shape)}; use spatial_samples for maps")
     if classes is not None and len(classes) != len(x):
@@ -246,26 +355,29 @@ def _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims
     finite = _finite_rows(x)
     rows = x[finite]
     labels = torch.full((len(x),), -1, dtype=torch.long)
-
+    ready = _Prepared(labels=labels, finite=finite.cpu(), classes=classes)
     scaled = rescale(rows, scale)
     if len(rows) < 2 or scaled.shape[1] == 0:
-        labels[finite.cpu()] = 0
-        return _finish(labels, torch.ones(1), classes, n_components=1, n_dims=0, kept=1.0,
-                       converged=True, n_iter=0, weight_cutoff=weight_cutoff, constant=True)
-
-    n_components = min(truncation, max(1, len(rows) // MIN_ROWS_PER_COMPONENT))
+        labels[ready.finite] = 0
+        ready.constant = True
+        return ready
+    ready.n_components = min(truncation, max(1, len(rows) // MIN_ROWS_PER_COMPONENT))
     if len(rows) < truncation:
         warnings.warn(
             f"{len(rows)} samples are fewer than truncation={truncation} components; truncation shrunk to "
-            f"{n_components} ({MIN_ROWS_PER_COMPONENT} samples per component)",
+            f"{ready.n_components} ({MIN_ROWS_PER_COMPONENT} samples per component)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+    reduced, ready.kept = pca_reduce(scaled, max_dims)
+    ready.features = reduced.detach().cpu().float()
+    ready.fit_rows = _fit_rows(ready.features, max_fit_rows, ready.n_components, seed)
+    return ready
 
-    reduced, kept = pca_reduce(scaled, max_dims)
-    features = reduced.cpu().double().numpy()
+
+def _fit_sklearn(ready: _Prepared, concentration, covariance_type, max_iter, n_init, init_params, seed) -> MixtureFit:
     mixture = BayesianGaussianMixture(
-        n_components=n_components,
+        n_components=ready.n_components,
         covariance_type=covariance_type,
         weight_concentration_prior_type="dirichlet_process",
         weight_concentration_prior=concentration,
@@ -276,17 +388,23 @@ def _fit(x, classes, truncation, concentration, covariance_type, scale, max_dims
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning is reported in ``converged`` instead
-        mixture.fit(_fit_rows(features, max_fit_rows, n_components, seed))
-        assigned = mixture.predict(features)
+        mixture.fit(ready.fit_rows.double().numpy())
+        assigned = mixture.predict(ready.features.double().numpy())
+    return MixtureFit(weights=torch.from_numpy(mixture.weights_).float(), labels=torch.from_numpy(assigned),
+                      n_iter=int(mixture.n_iter_), converged=bool(mixture.converged_),
+                      lower_bound=float(mixture.lower_bound_))
 
-    weights = torch.from_numpy(mixture.weights_).float()
-    order = torch.argsort(weights, descending=True)
+
+def _finish_fit(ready: _Prepared, mixture: MixtureFit, weight_cutoff: float) -> ClusterFit:
+    """Components relabelled by decreasing weight; the agreement with the classes."""
+    weights = mixture.weights.float()
+    order = torch.argsort(weights, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
-    labels[finite.cpu()] = rank[torch.from_numpy(assigned)]
-    return _finish(labels, weights[order], classes, n_components=n_components, n_dims=features.shape[1],
-                   kept=kept, converged=bool(mixture.converged_), n_iter=int(mixture.n_iter_),
-                   weight_cutoff=weight_cutoff, constant=False)
+    ready.labels[ready.finite] = rank[mixture.labels.long()]
+    return _finish(ready.labels, weights[order], ready.classes, n_components=ready.n_components,
+                   n_dims=ready.features.shape[1], kept=ready.kept, converged=mixture.converged,
+                   n_iter=mixture.n_iter, weight_cutoff=weight_cutoff, constant=False)
 
 
 _THREADPOOLS: ThreadpoolController | None = None
@@ -311,14 +429,14 @@ def single_threaded():
         torch.set_num_threads(torch_threads)
 
 
-def _fit_rows(features: np.ndarray, max_fit_rows: int | None, n_components: int, seed: int) -> np.ndarray:
+def _fit_rows(features: torch.Tensor, max_fit_rows: int | None, n_components: int, seed: int) -> torch.Tensor:
     if max_fit_rows is None or len(features) <= max_fit_rows:
         return features
     size = max(max_fit_rows, MIN_ROWS_PER_COMPONENT * n_components)
     if len(features) <= size:
         return features
     keep = np.random.default_rng(seed).choice(len(features), size=size, replace=False)
-    return features[np.sort(keep)]
+    return features[torch.from_numpy(np.sort(keep))]
 
 
 def _finish(labels, weights, classes, *, n_components, n_dims, kept, converged, n_iter, weight_cutoff, constant):
