@@ -46,7 +46,7 @@ class ARMDrift(InterpretationCallback):
             its epoch-to-epoch drift has decayed to a small part of its peak).
         settle_epochs: see ``settle_tolerance``.
         plot_every_n_epochs: also log the layers x epochs heat map (each layer's ARM over its peak) every n
-            analysed epochs (``None``: only at the end of training; a render costs ~0.1-0.3 s).
+            analysed epochs (``None``: only at the end of training; a render costs ~10 ms).
         keep_reference_in_checkpoint: store the reference activations in ``state_dict`` (probe size x units
             floats per layer) so a resumed run continues drift against the same reference.
         reuse_validation: with ``probe="val"`` and no coreset, record the layers during the trainer's own

@@ -41,7 +41,7 @@ class ComponentAttribution(InterpretationCallback):
             absolute (class-mean) attribution.
         top_k: components per class in the logged table.
         plot_every_n_runs: heat map of the class-mean attributions every n runs; ``None``: once, at the end of
-            training (a render costs ~0.1-0.3 s).
+            training (a render costs ~10 ms).
         max_batch_size: most rows (masks x examples) in one forward pass; more is chunked.
         save_attributions: write the attributions next to the checkpoint (``<checkpoint>.components.pt``),
             or under ``<log_dir>/component_attributions/`` for runs without a checkpoint.
