@@ -458,3 +458,27 @@ def test_tensorboard_server_shows_projector_and_label_maps(trained, tensorboard_
                 break
             time.sleep(1)
         assert any("clusters/conv1/label_maps" in t for t in tags.values())
+
+
+def test_projector_files_match_torchs_add_embedding(tmp_path):
+    """Our fast writer produces what ``SummaryWriter.add_embedding`` does: same paths, values, metadata, sprite."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_interp.report import write_projector_embedding
+
+    g = torch.Generator().manual_seed(0)
+    mat, images = torch.randn(10, 5, generator=g), torch.rand(10, 1, 8, 8, generator=g)
+    metadata, header = [[i, i % 3, "x"] for i in range(10)], ["index", "cluster", "note"]
+    theirs, ours = SummaryWriter(str(tmp_path / "torch")), SummaryWriter(str(tmp_path / "ours"))
+    for step, tag in [(3, "clusters/fc1"), (7, "clusters/fc1")]:
+        theirs.add_embedding(mat, metadata=metadata, metadata_header=header, label_img=images, global_step=step, tag=tag)
+        write_projector_embedding(ours, tag, step, mat.numpy(), metadata, header, images)
+    assert (tmp_path / "ours/projector_config.pbtxt").read_text() == (tmp_path / "torch/projector_config.pbtxt").read_text()
+    for folder in ("00003/clusters%2ffc1", "00007/clusters%2ffc1"):
+        a, b = tmp_path / "torch" / folder, tmp_path / "ours" / folder
+        assert np.allclose(np.loadtxt(a / "tensors.tsv"), np.loadtxt(b / "tensors.tsv"), atol=1e-6)
+        assert (a / "metadata.tsv").read_text() == (b / "metadata.tsv").read_text()
+        sprite_a, sprite_b = (np.asarray(Image.open(f / "sprite.png"), dtype=int) for f in (a, b))
+        assert sprite_a.shape == sprite_b.shape and np.abs(sprite_a - sprite_b).max() <= 1
