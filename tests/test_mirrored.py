@@ -123,6 +123,29 @@ def test_relative_influence_retrieves_exact_copies_with_influence_one(noisy_blob
     assert (result.influence[:, :-1] >= result.influence[:, 1:]).all()  # ranked
 
 
+def test_translation_orbit_finds_copies_shifted_before_training():
+    """A training copy of a translated query is the orbit's exact match: influence 1 (no training needed)."""
+    from lightning_interp.demo import DigitsCNN, load_digits_tensors
+
+    torch.manual_seed(0)
+    data = load_digits_tensors(seed=0)
+    queries_x, queries_y = data.x_test[:12], data.y_test[:12]
+    shifted = torch.cat([M.translation_orbit(queries_x[:4], 1)[5], M.translation_orbit(queries_x[4:8], 1)[1]])
+    train_x, train_y = torch.cat([data.x_train, shifted]), torch.cat([data.y_train, queries_y[:8]])
+    copies = torch.arange(len(data.x_train), len(train_x))
+    model = DigitsCNN().eval()
+    found = M.leak_scores(model, queries_x, queries_y, train_x, train_y)
+    assert torch.equal(found.train_index[:8], copies)
+    torch.testing.assert_close(found.score[:8], torch.ones(8), atol=1e-4, rtol=0)
+    assert (found.score[8:] < 0.9999).all()  # queries without a copy
+    unshifted = M.leak_scores(model, queries_x, queries_y, train_x, train_y, shift_radius=0)
+    assert (unshifted.score[:8] < 0.9999).all()  # a plain comparison misses them
+    orbit = M.translation_orbit(queries_x, 2)
+    assert orbit.shape == (25, *queries_x.shape) and torch.equal(orbit[12], queries_x)
+    with pytest.raises(ValueError, match="translations need images"):
+        M.translation_orbit(queries_x.flatten(1), 1)
+
+
 def test_batched_reference_step_equals_a_per_query_adam_step_on_a_model_copy(noisy_blobs):
     x, y, _, x_val, y_val, model = noisy_blobs
     queries_x, queries_y = x_val[:6], y_val[:6]
@@ -226,13 +249,17 @@ def test_callback_finds_a_validation_image_leaked_into_training(trainer_factory)
     pl.seed_everything(0)
     dm = DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=128)
     s = dm.splits
-    s.x_train, s.y_train = torch.cat([s.x_train, s.x_val[:3]]), torch.cat([s.y_train, s.y_val[:3]])
+    shifted_down = torch.nn.functional.pad(s.x_val[3:5], (0, 0, 1, 0))[..., :-1, :]  # one pixel down
+    s.x_train = torch.cat([s.x_train, s.x_val[:3], shifted_down])
+    s.y_train = torch.cat([s.y_train, s.y_val[:5]])
     cb = MirroredInfluence(every_n_epochs=1, strict=True)
-    trainer = trainer_factory([cb], max_epochs=1, limit_train_batches=4, limit_val_batches=1)
+    plain = MirroredInfluence(every_n_epochs=1, strict=True, leak_shift_radius=0)
+    trainer = trainer_factory([cb, plain], max_epochs=1, limit_train_batches=4, limit_val_batches=1)
     trainer.fit(DigitsCNN(), dm)
     copies = {q: t for q, t, _ in cb.leaks_}
-    n = len(s.y_train) - 3
-    assert {0: n, 1: n + 1, 2: n + 2}.items() <= copies.items()
+    n = len(s.y_train) - 5
+    assert {0: n, 1: n + 1, 2: n + 2, 3: n + 3, 4: n + 4}.items() <= copies.items()
+    assert len(plain.history_) == 1 and plain.state_key != cb.state_key  # two configurations side by side
 
 
 def test_callback_does_not_disturb_training(trainer_factory):

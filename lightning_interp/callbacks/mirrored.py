@@ -14,10 +14,11 @@ from typing import Any, Literal, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..distributed import gather_by_index, shard_positions
 from ..methods.mirrored import (
+    LEAK_TEMPERATURE,
     MISLABEL_RULE,
     OPTIMIZERS,
     UpdateRule,
@@ -26,9 +27,10 @@ from ..methods.mirrored import (
     relative_head_influence,
     self_influence,
     trained_copy,
+    translation_orbit,
 )
 from ..plots import image_gallery, looks_like_images
-from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device
+from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device, run_probe
 from ..report import markdown_table
 from .base import InterpretationCallback, resolve_dataset
 
@@ -55,6 +57,11 @@ class MirroredInfluence(InterpretationCallback):
         leak_queries: ``"val"``, a Dataset, or ``None`` (off): for every query, the training sample it
             influences most under the relative mirrored influence of a head step (1 = exact copy).
         leak_threshold: queries whose top influence exceeds it are reported in ``leaks_``.
+        leak_temperature: temperature of the loss whose head gradients are compared (10: jittered copies
+            found, docs/mirrored.md).
+        leak_shift_radius: image queries are also compared translated by up to this many pixels, so copies
+            shifted before they entered training are found; costs ``(2r+1)^2`` forward passes per query
+            (0: off).
         second_look_top_k: TracIn self-influence (‖∇ℓ‖² times the current learning rate, summed over the
             scheduled epochs as TracInCP sums over checkpoints) of the top-k flagged samples and of k random
             training samples for reference (0: off; costs per-sample gradients of 2k samples).
@@ -85,6 +92,8 @@ class MirroredInfluence(InterpretationCallback):
         max_flagged_fraction: float = 0.05,
         leak_queries: DataSource | None = "val",
         leak_threshold: float = 0.999,
+        leak_temperature: float = LEAK_TEMPERATURE,
+        leak_shift_radius: int = 1,
         second_look_top_k: int = 0,
         log_top_k: int = 16,
         **kwargs: Any,
@@ -103,11 +112,17 @@ class MirroredInfluence(InterpretationCallback):
             raise ValueError(f"max_flagged_fraction must be in (0, 1], got {max_flagged_fraction}")
         if second_look_top_k < 0 or log_top_k < 0:
             raise ValueError("second_look_top_k and log_top_k must be >= 0")
+        if not isinstance(leak_shift_radius, int) or leak_shift_radius < 0:
+            raise ValueError(f"leak_shift_radius must be an int >= 0, got {leak_shift_radius!r}")
+        if not leak_temperature > 0:
+            raise ValueError(f"leak_temperature must be > 0, got {leak_temperature!r}")
         self.trusted = trusted
         self.threshold = float(threshold)
         self.max_flagged_fraction = float(max_flagged_fraction)
         self.leak_queries = leak_queries
         self.leak_threshold = float(leak_threshold)
+        self.leak_temperature = float(leak_temperature)
+        self.leak_shift_radius = leak_shift_radius
         self.second_look_top_k = int(second_look_top_k)
         self.log_top_k = int(log_top_k)
 
@@ -119,6 +134,14 @@ class MirroredInfluence(InterpretationCallback):
         self._score_count: Tensor | None = None
         self._trusted_xy: tuple[Tensor, Tensor] | None = None
         self._last_flagged: tuple[Tensor, ...] | None = None
+
+    @property
+    def state_key(self) -> str:
+        name = lambda source: source if isinstance(source, str) or source is None else type(source).__name__  # noqa: E731
+        return self._generate_state_key(
+            tag=self.tag, probe=name(self.probe), trusted=name(self.trusted), rule=self.rule,
+            leak_queries=name(self.leak_queries), leak_shift_radius=self.leak_shift_radius,
+        )
 
     # -- results ---------------------------------------------------------------------------------------
     @property
@@ -210,11 +233,37 @@ class MirroredInfluence(InterpretationCallback):
         queries = ProbeData(resolve_dataset(trainer, source), batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
         q = self.forward_probe(trainer, pl_module, queries, features=True)
         q_labels = q.require_class_labels("MirroredInfluence (leak queries)")
-        values, index = relative_head_influence(q.outputs, q.features, q_labels, train_outs.outputs,
-                                                train_outs.features, train_outs.labels, top_k=1)
+        logits, features = q.outputs[None], q.features[None]
+        if self.leak_shift_radius:
+            logits, features = self._translated_outputs(trainer, pl_module, queries, q, logits, features)
+        values, index = relative_head_influence(logits, features, q_labels, train_outs.outputs, train_outs.features,
+                                                train_outs.labels, top_k=1, temperature=self.leak_temperature)
         found = (values[:, 0] > self.leak_threshold).nonzero().squeeze(1)
         found = found[values[found, 0].argsort(descending=True)]
         self.leaks_ = [(int(q.indices[i]), int(train_outs.indices[index[i, 0]]), float(values[i, 0])) for i in found]
+
+    def _translated_outputs(self, trainer, pl_module, queries: ProbeData, q: ProbeOutputs, logits, features):
+        """Logits and head inputs of every translation of the (image) queries, ``[G, Q, ...]``, in ``q``'s order.
+
+        Under DDP each rank evaluates its share of the queries and all gather them (dataset-index order).
+        """
+        shard = queries
+        if trainer.world_size > 1:
+            shard = queries.subset(shard_positions(len(queries), trainer.global_rank, trainer.world_size))
+        batches = list(shard.batches("cpu"))
+        x, index = torch.cat([b[0] for b in batches]), torch.cat([b[2] for b in batches])
+        if x.dim() != 4:
+            return logits, features  # not images: compared as they are
+        orbit = translation_orbit(x, self.leak_shift_radius)
+        outs = run_probe(pl_module, ProbeData(TensorDataset(orbit.flatten(0, 1)), batch_size=self.batch_size),
+                         features=True)
+        g, n = orbit.shape[:2]
+        rows = torch.cat([outs.outputs.view(g, n, -1), outs.features.view(g, n, -1)], dim=2).transpose(0, 1)
+        rows, index = gather_by_index(trainer.strategy, rows.flatten(1), index)  # sorted like q
+        if not torch.equal(index, q.indices):
+            raise RuntimeError("leak queries changed between two passes over them")
+        rows = rows.view(len(index), g, -1).transpose(0, 1)
+        return rows[..., : logits.shape[-1]], rows[..., logits.shape[-1]:]
 
     def _second_look(self, trainer, pl_module, probe: ProbeData) -> None:
         k = self.second_look_top_k

@@ -21,7 +21,8 @@ Two uses are implemented:
   copy, when the query leaked into training)? ``rule="reference"`` is the authors' leakage code (one
   Adam *ascent* step on the query, ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|``); ``rule="relative"`` (default,
   measured far better on digits, docs/mirrored.md) is the first-order mirrored influence of a head step
-  normalised by self-influence, computed in closed form from one forward pass.
+  on a tempered loss, normalised by self-influence, computed in closed form from forward passes, and for
+  images maximised over small translations of the query.
 
 Everything runs on a cloned parameter/buffer dict through :func:`torch.func.functional_call` with
 the model in eval mode; the model, its buffers and its train/eval flags are left as they were.
@@ -230,40 +231,76 @@ class LeakResult(NamedTuple):
 
 
 # ---- the cheap rule: relative mirrored influence of a head step, from one forward pass -------------------
-def head_gradient_directions(logits: Tensor, features: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Unit factors of the head's log-loss gradient ``∇_{W,b} log ℓ = r ⊗ [f, 1]``.
+#: Temperature of the loss whose head gradient the relative rule compares (see :func:`head_gradient_directions`).
+LEAK_TEMPERATURE = 10.0
 
-    ``r = softmax − onehot`` is formed from the non-target probabilities (``r_y = −Σ_{c≠y} p_c``) so it keeps
-    its direction for samples the model fits to float precision, where ``p_y − 1`` rounds to 0.
+
+def head_gradient_directions(logits: Tensor, features: Tensor, y: Tensor,
+                             temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Unit factors of the head's gradient of the tempered log-loss ``ℓ_T = CE(softmax(logits / T), y)``.
+
+    ``∇_{W,b} ℓ_T = (1/T) r_T ⊗ [f, 1]`` with ``r_T = softmax(logits / T) − onehot(y)``, formed from the
+    non-target probabilities (``r_y = −Σ_{c≠y} p_c``) so it keeps its direction where ``p_y`` rounds to 1.
+    A model that memorises its training set fits most points to a loss of ~0, where the direction of
+    ``r_1`` is set by tiny runner-up probabilities that a little input noise reshuffles; at ``T ≈ 10`` the
+    gradient leaves that saturated regime (the job the reference code's L2-sphere perturbation does).
+    ``T = inf`` keeps only the label: ``r = 1/C − onehot(y)``.
     """
-    probs = logits.float().log_softmax(1).exp()
-    other = probs.scatter(1, y[:, None], 0.0)
-    residual = other.scatter(1, y[:, None], -other.sum(1, keepdim=True))
-    augmented = torch.cat([features.float().flatten(1), features.new_ones(len(features), 1)], dim=1)
-    return F.normalize(residual, dim=1), F.normalize(augmented, dim=1)
+    if temperature == float("inf"):
+        logits, temperature = torch.zeros_like(logits, dtype=torch.float32), 1.0
+    probs = (logits.float() / temperature).log_softmax(-1).exp()
+    other = probs.scatter(-1, y[..., None], 0.0)
+    residual = other.scatter(-1, y[..., None], -other.sum(-1, keepdim=True))
+    flat = features.float().flatten(-1) if features.dim() <= 2 else features.float().flatten(features.dim() - 1)
+    augmented = torch.cat([flat, flat.new_ones(*flat.shape[:-1], 1)], dim=-1)
+    return F.normalize(residual, dim=-1), F.normalize(augmented, dim=-1)
+
+
+def translation_orbit(x: Tensor, radius: int) -> Tensor:
+    """``[(2r+1)^2, N, C, H, W]``: every integer translation ``|dy|, |dx| <= radius`` of images ``x``, zero-filled.
+
+    The identity is the middle element, ``orbit[len(orbit) // 2]``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"translations need images [N, C, H, W], got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    shifted = []
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+            shifted.append(padded[..., max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w])
+    return torch.stack(shifted)
 
 
 def relative_head_influence(query_logits: Tensor, query_features: Tensor, query_y: Tensor, train_logits: Tensor,
                             train_features: Tensor, train_y: Tensor, *, top_k: int = 5, chunk: int = 256,
-                            ) -> tuple[Tensor, Tensor]:
+                            temperature: float = LEAK_TEMPERATURE) -> tuple[Tensor, Tensor]:
     """Each query's ``top_k`` training points by relative mirrored influence of a head step.
 
-    A plain gradient-ascent step of size η on the query's log-loss, applied to the classifier head, moves
-    training point i's log-loss by ``η ⟨g_i, g_q⟩`` to first order (Eq. 4 with the head's gradients
-    ``g = r ⊗ [f, 1]``). Dividing by the two self-influences ``‖g_i‖ ‖g_q‖`` (the relative influence of
-    Barshan et al., AISTATS 2020) removes the pull of training points that move for any query:
+    A plain gradient-ascent step of size η on the query's loss, applied to the classifier head, moves
+    training point i's loss by ``η ⟨g_i, g_q⟩`` to first order (Eq. 4 with the head's gradients
+    ``g = r_T ⊗ [f, 1]`` of the tempered loss, :func:`head_gradient_directions`). Dividing by the two
+    self-influences ``‖g_i‖ ‖g_q‖`` (the relative influence of Barshan et al., AISTATS 2020) removes the
+    pull of training points that move for any query:
 
-        I_rel(q, i) = cos(r_q, r_i) · cos([f_q, 1], [f_i, 1])   ∈ [−1, 1], 1 for an exact copy.
+        I_rel(q, i) = max_{t ∈ G} cos(r_T(t z_q), r_T(z_i)) · cos([f(t z_q), 1], [f_i, 1])   ∈ [−1, 1]
 
-    Needs only logits and penultimate features (one forward pass); ``[chunk, N]`` products per step.
+    1 for an exact copy of some ``t z_q``. ``G`` is given by the leading axis of ``query_logits [G, Q, C]``
+    and ``query_features [G, Q, F]`` (the outputs of transformed copies of each query, e.g.
+    :func:`translation_orbit`); ``[Q, C]`` / ``[Q, F]`` means ``G = {identity}``.
+    Needs only logits and penultimate features; ``G`` products ``[chunk, N]`` per step.
     """
-    rq, fq = head_gradient_directions(query_logits, query_features, query_y)
-    rt, ft = head_gradient_directions(train_logits, train_features, train_y)
+    if query_logits.dim() == 2:
+        query_logits, query_features = query_logits[None], query_features.flatten(1)[None]
+    g, q = query_logits.shape[:2]
+    rq, fq = head_gradient_directions(query_logits, query_features.reshape(g, q, -1), query_y.expand(g, q),
+                                      temperature)
+    rt, ft = head_gradient_directions(train_logits, train_features.flatten(1), train_y, temperature)
     top_k = min(top_k, len(rt))
     values, indices = [], []
-    for start in range(0, len(rq), chunk):
+    for start in range(0, q, chunk):
         rows = slice(start, start + chunk)
-        influence = (rq[rows] @ rt.T) * (fq[rows] @ ft.T)
+        influence = ((rq[:, rows] @ rt.T) * (fq[:, rows] @ ft.T)).amax(0)
         best = influence.topk(top_k, dim=1)
         values.append(best.values)
         indices.append(best.indices)
@@ -327,11 +364,16 @@ def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Ten
                 rule: Literal["relative", "reference"] = "relative", top_k: int = 5,
                 steps: int = LEAK_RULE.steps, lr: float = LEAK_RULE.lr, optimizer: Optimizer = LEAK_RULE.optimizer,
                 candidates: int | None = 256, fit_threshold: float = 1e-2, sphere_radius: float = 3.0,
-                sphere_growth: float = 1.1, query_chunk: int = 32, seed: int = 0) -> LeakResult:
+                sphere_growth: float = 1.1, query_chunk: int = 32, seed: int = 0,
+                temperature: float = LEAK_TEMPERATURE, shift_radius: int = 1) -> LeakResult:
     """For every query, the training points it influences most: which training point is its copy.
 
-    ``rule="relative"`` (default): :func:`relative_head_influence` from one forward pass over both sets;
-    the leak score is the top influence (1 for an exact copy).
+    ``rule="relative"`` (default): :func:`relative_head_influence` of the tempered loss (``temperature``)
+    from forward passes only; for image queries ``[N, C, H, W]`` each query is also evaluated translated
+    by up to ``shift_radius`` pixels (:func:`translation_orbit`, ``(2r+1)^2`` forward passes per query)
+    and its influence on a training point is the best over those translations, so a copy that was shifted
+    before it entered training is found (0 turns it off; other inputs are compared as they are). The leak
+    score is the top influence (1 for an exact copy).
 
     ``rule="reference"``: the authors' procedure, Eq. 4 per query — ``steps`` *ascent* steps of
     ``optimizer`` (default one Adam step, lr 5e-3) on the query alone, on a copy, then
@@ -345,17 +387,22 @@ def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Ten
     check_class_labels(train_y, "the training data")
     if rule not in ("relative", "reference"):
         raise ValueError(f"rule must be 'relative' or 'reference', got {rule!r}")
-    q_logits, q_features = logits_and_head_inputs(model, query_x)
+    if shift_radius < 0:
+        raise ValueError(f"shift_radius must be >= 0, got {shift_radius}")
     t_logits, t_features = logits_and_head_inputs(model, train_x)
     query_y, train_y = query_y.cpu(), train_y.cpu()
     if rule == "relative":
-        values, index = relative_head_influence(q_logits, q_features, query_y, t_logits, t_features, train_y,
-                                                top_k=top_k)
+        orbit = translation_orbit(query_x, shift_radius) if shift_radius and query_x.dim() == 4 else query_x[None]
+        q_logits, q_features = logits_and_head_inputs(model, orbit.flatten(0, 1))
+        g, q = orbit.shape[:2]
+        values, index = relative_head_influence(q_logits.view(g, q, -1), q_features.view(g, q, -1), query_y,
+                                                t_logits, t_features, train_y, top_k=top_k, temperature=temperature)
         return LeakResult(index[:, 0], index, values[:, 0], values, torch.zeros(len(index)))
+    q_logits, q_features = logits_and_head_inputs(model, query_x)
     pool = None
     if candidates is not None and candidates < len(train_x):
         pool = relative_head_influence(q_logits, q_features, query_y, t_logits, t_features, train_y,
-                                       top_k=max(candidates, top_k))[1]
+                                       top_k=max(candidates, top_k), temperature=temperature)[1]
     return _reference_leak_scores(model, query_x, query_y, train_x, train_y, UpdateRule(steps, lr, optimizer),
                                   pool, min(top_k, len(train_x)), fit_threshold, sphere_radius, sphere_growth,
                                   query_chunk, seed)
