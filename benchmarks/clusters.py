@@ -9,17 +9,18 @@ Run from the repository root::
     group sizes from a Dirichlet(5)), in 8/24/64 dimensions, 3 seeds each; ``fit_dpgmm`` at its defaults.
     Reported: mean recovered count, share of fits within +-1 of ``k``, mean and worst ARI.
 (2) Validity, a trained model: a DigitsCNN trained 15 epochs on digits (10 classes); per layer, the per-sample
-    fit on 512 training images (pooled activations) at ``max_dims`` 4, 8 (default) and 16: clusters, NMI, ARI;
+    fit on 512 and 256 training images (pooled activations), torch and scikit-learn; at ``max_dims`` 4, 8
+    (default) and 16: clusters, NMI, ARI;
     and at the default width, ``max_iter`` 100 (fit_dpgmm's default) against 50 (LayerClusters').
-(3) Cost: time of one fit per layer at the callback's defaults (``max_iter=50``; 512 samples, and the
-    per-position fit of 8 images), and a whole demo run (DigitsCNN on DigitsDataModule, 20 epochs,
+(3) Cost: the fits of one callback run (scikit-learn one by one, torch one by one, torch batched), and a
+    whole demo run (DigitsCNN on DigitsDataModule, 20 epochs,
     TensorBoard logger) without and with ``LayerClusters()`` at its defaults, in this process, alternating;
     the callback's own time is also measured directly (wall time inside its ``on_train_epoch_end``) and
     divided by the rest of the same run: the steadier ratio on a shared machine, where two identical runs
     differed by 2x in our measurements.
 
-No torch re-implementation of the variational DP-GMM was written (scikit-learn's fit is a few tens of
-milliseconds at these sizes), so there is no agreement/speed-ratio table for one.
+The fits run on our torch implementation (``methods/vbgmm.py``, scikit-learn's updates, several fits batched);
+(1) and (2) put scikit-learn's ``BayesianGaussianMixture`` beside it on the same data, (3a) times both.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lightning_interp import LayerClusters
 from lightning_interp._lightning import TensorBoardLogger, Trainer
 from lightning_interp.capture import ActivationRecorder, select_layers
 from lightning_interp.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
-from lightning_interp.methods.dpgmm import fit_dpgmm, fit_label_maps
+from lightning_interp.methods.dpgmm import cluster_agreement, fit_dpgmm, fit_dpgmm_many, spatial_samples
 from _timing import best_time
 
 warnings.filterwarnings("ignore")
@@ -54,23 +55,34 @@ def planted_groups(k: int, n: int, dims: int, seed: int, spread: float = 4.0):
 
 
 def synthetic_table(seeds: int, n: int = 512) -> list[str]:
-    rows = ["| planted groups k | fits | mean clusters found | within k+-1 | mean ARI | worst ARI | mean fit time |",
-            "|---|---|---|---|---|---|---|"]
+    """Recovered counts and ARI on planted groups, our torch fit and scikit-learn's on the same points."""
+    rows = [f"{n} points. torch = `fit_dpgmm` (default backend), sklearn = `backend=\"sklearn\"`; agreement = "
+            "ARI between the two fits' clusters.", "",
+            "| planted k | fits | torch: mean found / within k+-1 / mean ARI / worst ARI | sklearn: same | "
+            "agreement (mean ARI) | ms per fit torch / sklearn |", "|---|---|---|---|---|---|"]
     for k in (1, 2, 3, 5, 8, 12, 20):
-        found, hits, aris, times = [], 0, [], []
+        stats = {backend: ([], 0, [], []) for backend in ("torch", "sklearn")}
+        agreement = []
         for dims in (8, 24, 64):
             for seed in range(seeds):
                 torch.manual_seed(1000 * k + seed)  # the Dirichlet group shares
                 x, classes = planted_groups(k, n, dims, seed=100 * k + seed)
-                start = time.perf_counter()
-                fit = fit_dpgmm(x, classes)
-                times.append(time.perf_counter() - start)
-                found.append(fit.n_clusters)
-                hits += abs(fit.n_clusters - k) <= 1
-                aris.append(1.0 if k == 1 and fit.n_clusters == 1 else fit.ari)
-        fits = len(found)
-        rows.append(f"| {k} | {fits} | {sum(found) / fits:.1f} | {hits}/{fits} | {sum(aris) / fits:.3f} | "
-                    f"{min(aris):.3f} | {1000 * sum(times) / fits:.0f} ms |")
+                fits = {}
+                for backend, (found, hits, aris, times) in stats.items():
+                    start = time.perf_counter()
+                    fits[backend] = fit = fit_dpgmm(x, classes, backend=backend)
+                    times.append(time.perf_counter() - start)
+                    found.append(fit.n_clusters)
+                    aris.append(1.0 if k == 1 and fit.n_clusters == 1 else fit.ari)
+                    stats[backend] = (found, hits + (abs(fit.n_clusters - k) <= 1), aris, times)
+                agreement.append(cluster_agreement(fits["torch"].labels, fits["sklearn"].labels)[1])
+        cells = []
+        for found, hits, aris, _ in stats.values():
+            fits = len(found)
+            cells.append(f"{sum(found) / fits:.1f} / {hits}/{fits} / {sum(aris) / fits:.3f} / {min(aris):.3f}")
+        ms = [1000 * sum(t) / len(t) for *_, t in stats.values()]
+        rows.append(f"| {k} | {len(agreement)} | {cells[0]} | {cells[1]} | {sum(agreement) / len(agreement):.3f} | "
+                    f"{ms[0]:.0f} / {ms[1]:.0f} |")
     return rows
 
 
@@ -89,51 +101,77 @@ def train_digits_cnn(epochs: int, seed: int = 0) -> tuple[DigitsCNN, torch.Tenso
     return model.eval(), splits.x_train, splits.y_train_clean
 
 
-def trained_model_table(epochs: int, n: int = 512) -> list[str]:
-    model, x, y = train_digits_cnn(epochs)
-    x, y = x[:n], y[:n]
-    with torch.no_grad(), ActivationRecorder(model, select_layers(model)) as rec:
-        accuracy = float((model(x).argmax(1) == y).float().mean())
-    rows = [f"DigitsCNN after {epochs} epochs, training accuracy {accuracy:.3f}; {n} training images, 10 classes.",
-            "", "| layer | max_dims=4: clusters / NMI / ARI | max_dims=8 (default) | max_dims=16 |",
-            "|---|---|---|---|"]
-    for name, act in rec.stacked().items():
+def trained_model_table(epochs: int) -> list[str]:
+    model, x_all, y_all = train_digits_cnn(epochs)
+    with torch.no_grad():
+        accuracy = float((model(x_all).argmax(1) == y_all).float().mean())
+    rows = [f"DigitsCNN after {epochs} epochs, training accuracy {accuracy:.3f}; the first n training images, "
+            "10 classes; clusters / NMI / ARI per layer.", "",
+            "| layer | n=512, torch | n=512, sklearn | n=256, torch (LayerClusters' default probe) | n=256, sklearn |",
+            "|---|---|---|---|---|"]
+    acts = {}
+    for n in (512, 256):
+        with torch.no_grad(), ActivationRecorder(model, select_layers(model)) as rec:
+            model(x_all[:n])
+        acts[n] = rec.stacked()
+    for name in acts[512]:
+        cells = []
+        for n in (512, 256):
+            for backend in ("torch", "sklearn"):
+                fit = fit_dpgmm(acts[n][name], y_all[:n], backend=backend)
+                cells.append(f"{fit.n_clusters} / {fit.nmi:.2f} / {fit.ari:.2f}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    x, y = x_all[:512], y_all[:512]
+    rec_512 = acts[512]
+    rows += ["", "Width of the PCA before the fit (n=512, torch):", "",
+             "| layer | max_dims=4: clusters / NMI / ARI | max_dims=8 (default) | max_dims=16 |", "|---|---|---|---|"]
+    for name, act in rec_512.items():
         cells = []
         for dims in (4, 8, 16):
             fit = fit_dpgmm(act, y, max_dims=dims)
             cells.append(f"{fit.n_clusters} / {fit.nmi:.2f} / {fit.ari:.2f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    rows += ["", "| layer | max_iter=100: clusters / NMI / ARI / iterations | max_iter=50 |", "|---|---|---|"]
-    for name, act in rec.stacked().items():
+    rows += ["", "| layer | max_iter=100: clusters / NMI / ARI / iterations | max_iter=50 (LayerClusters' default) |",
+             "|---|---|---|"]
+    for name, act in rec_512.items():
         fits = [fit_dpgmm(act, y, max_iter=m) for m in (100, 50)]
         cells = [f"{f.n_clusters} / {f.nmi:.2f} / {f.ari:.2f} / {f.n_iter}" for f in fits]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 
 
-def fit_cost_table(repeats: int = 3) -> list[str]:
+def fit_cost_table(repeats: int = 5) -> list[str]:
+    """The fits of one LayerClusters run at its defaults: scikit-learn one by one, torch one by one, torch batched."""
+    defaults = LayerClusters()
+    options = dict(defaults.fit_options)
     model, x, y = train_digits_cnn(5)
-    x, y = x[:512], y[:512]
     layers = select_layers(model)
-    with torch.no_grad(), ActivationRecorder(model, layers) as pooled:
-        model(x)
-    with torch.no_grad(), ActivationRecorder(model, layers, pool=False) as full:
-        model(x[:8])
-    rows = ["| layer | units | per-sample fit, 512 x units | per-position fit, 8 images | positions |",
-            "|---|---|---|---|---|"]
-    for name, act in pooled.stacked().items():
-        sample_s = best_time(lambda: fit_dpgmm(act, y, max_iter=CALLBACK_MAX_ITER), repeats)
-        maps = full.stacked()[name]
-        if maps.dim() >= 3:
-            position_s = best_time(lambda: fit_label_maps(maps, max_fit_rows=1024, max_iter=CALLBACK_MAX_ITER), repeats)
-            positions = maps.shape[0] * maps[0, 0].numel()
-            rows.append(f"| {name} | {act.shape[1]} | {1000 * sample_s:.0f} ms | {1000 * position_s:.0f} ms "
-                        f"| {positions} |")
-        else:
-            rows.append(f"| {name} | {act.shape[1]} | {1000 * sample_s:.0f} ms | n/a | n/a |")
+    rows = ["| probe | fits in one run | sklearn, one by one | torch, one by one | torch, batched (what "
+            "LayerClusters does) | speed-up batched vs sklearn | mean ARI torch vs sklearn | mean ARI sklearn seed 0 "
+            "vs seed 1 |", "|---|---|---|---|---|---|---|---|"]
+    for n, images in ((defaults.probe_size, defaults.label_map_fit_images), (256, 4)):
+        with torch.no_grad(), ActivationRecorder(model, layers) as pooled:
+            model(x[:n])
+        with torch.no_grad(), ActivationRecorder(model, layers, pool=False) as full:
+            model(x[:images])
+        requests = [(act, y[:n], None) for act in pooled.stacked().values()]
+        requests += [(spatial_samples(m), None, defaults.max_label_map_positions)
+                     for m in full.stacked().values() if m.dim() >= 3]
+        one_by_one = lambda backend: [fit_dpgmm(a, c, max_fit_rows=r, **{**options, "backend": backend})  # noqa: E731
+                                      for a, c, r in requests]
+        sk_s = best_time(lambda: one_by_one("sklearn"), repeats)
+        torch_s = best_time(lambda: one_by_one("torch"), repeats)
+        batched_s = best_time(lambda: fit_dpgmm_many(requests, **options), repeats)
+        sklearn_fits = one_by_one("sklearn")
+        agreement = [cluster_agreement(a.labels, b.labels)[1]
+                     for a, b in zip(fit_dpgmm_many(requests, **options), sklearn_fits)]
+        reseeded = [fit_dpgmm(a, c, max_fit_rows=r, **{**options, "backend": "sklearn", "seed": 1})
+                    for a, c, r in requests]
+        variability = [cluster_agreement(a.labels, b.labels)[1] for a, b in zip(sklearn_fits, reseeded)]
+        rows.append(f"| {n} samples, {images} label-map images | {len(requests)} | {1000 * sk_s:.0f} ms | "
+                    f"{1000 * torch_s:.0f} ms | {1000 * batched_s:.0f} ms | {sk_s / batched_s:.1f}x | "
+                    f"{sum(agreement) / len(agreement):.2f} | {sum(variability) / len(variability):.2f} |")
     return rows
-
-
 
 
 class TimedClusters(LayerClusters):
@@ -188,9 +226,10 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     seeds, epochs = (1, 6) if args.quick else (3, 20)
     sections = [
-        ("(1) Planted Gaussian groups, 512 points, dims 8/24/64 x seeds, fit_dpgmm defaults", synthetic_table(seeds)),
+        ("(1) Planted Gaussian groups, dims 8/24/64 x seeds, fit_dpgmm defaults", synthetic_table(seeds, 512)),
+        ("(1b) The same with 256 points", synthetic_table(seeds, 256)),
         ("(2) A trained model: per-sample clusters of each DigitsCNN layer vs the 10 classes", trained_model_table(15)),
-        ("(3a) Cost of one fit at the callback's defaults (best of 3)", fit_cost_table()),
+        ("(3a) The fits of one LayerClusters run (best of 5, one thread)", fit_cost_table()),
         (f"(3b) Whole demo run, {epochs} epochs, LayerClusters() at defaults", overhead_table(epochs, args.pairs)),
     ]
     print(f"python {' '.join(sys.argv)}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
