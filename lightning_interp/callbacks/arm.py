@@ -18,7 +18,7 @@ from ..capture import ActivationRecorder
 from ..methods.arm import ARMResult, arm_from_activations, sort_samples
 from ..probe import ProbeData
 from ..report import markdown_table
-from .base import InterpretationCallback
+from .base import InterpretationCallback, _source_name
 
 Reference = Union[Literal["previous", "first"], int]
 
@@ -132,13 +132,8 @@ class ARMDrift(InterpretationCallback):
         self._tap: tuple[ActivationRecorder, int, int] | None = None
         self._tapped: tuple[int, int, dict[str, Tensor]] | None = None  # (epoch, step, activations)
 
-    @property
-    def state_key(self) -> str:
-        probe = self.probe if isinstance(self.probe, str) else type(self.probe).__name__
-        shift = None if self.shift_data is None else type(self.shift_data).__name__
-        return self._generate_state_key(
-            tag=self.tag, probe=probe, layers=self.layers, reference=self.reference, shift_data=shift
-        )
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
 
     # -- the analysis ---------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:

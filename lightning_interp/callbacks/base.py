@@ -151,6 +151,7 @@ class InterpretationCallback(Callback):
         self._selected_epoch: int | None = None
         self._warned: set[str] = set()
         self._reporter: Reporter | None = None
+        self._state_key: str | None = None
 
     # -- what subclasses implement ------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
@@ -173,8 +174,14 @@ class InterpretationCallback(Callback):
     # -- Lightning hooks ----------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        probe = self.probe if isinstance(self.probe, str) else type(self.probe).__name__
-        return self._generate_state_key(tag=self.tag, probe=probe, layers=self.layers)
+        """Names this callback's state in checkpoints (computed once: Lightning reads it at every hook call)."""
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(**self._state_key_fields())
+        return self._state_key
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        """What tells two instances apart in one Trainer (subclasses add their own settings)."""
+        return {"tag": self.tag, "probe": _source_name(self.probe), "layers": self.layers}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._reporter = Reporter(trainer)
@@ -367,6 +374,11 @@ class InterpretationCallback(Callback):
                 [[self.probe_selector, size, len(full), fid.get("spearman", "n/a"), fid.get("jaccard_top_k", "n/a")]],
             ),
         )
+
+
+def _source_name(source) -> str | None:
+    """``"val"``/``"train"``/``None`` as they are, a dataset by its class name (for state keys)."""
+    return source if source is None or isinstance(source, str) else type(source).__name__
 
 
 def gather_outputs(strategy, local: ProbeOutputs) -> ProbeOutputs:

@@ -32,7 +32,7 @@ from ..methods.mirrored import (
 from ..plots import image_gallery, looks_like_images
 from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device, run_probe
 from ..report import markdown_table
-from .base import InterpretationCallback, resolve_dataset
+from .base import InterpretationCallback, _source_name, resolve_dataset
 
 DataSource = Union[Literal["val", "train"], Dataset]
 
@@ -135,13 +135,9 @@ class MirroredInfluence(InterpretationCallback):
         self._trusted_xy: tuple[Tensor, Tensor] | None = None
         self._last_flagged: tuple[Tensor, ...] | None = None
 
-    @property
-    def state_key(self) -> str:
-        name = lambda source: source if isinstance(source, str) or source is None else type(source).__name__  # noqa: E731
-        return self._generate_state_key(
-            tag=self.tag, probe=name(self.probe), trusted=name(self.trusted), rule=self.rule,
-            leak_queries=name(self.leak_queries), leak_shift_radius=self.leak_shift_radius,
-        )
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {**super()._state_key_fields(), "trusted": _source_name(self.trusted), "rule": self.rule,
+                "leak_queries": _source_name(self.leak_queries), "leak_shift_radius": self.leak_shift_radius}
 
     # -- results ---------------------------------------------------------------------------------------
     @property
