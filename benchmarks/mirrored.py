@@ -234,7 +234,7 @@ def markdown(header, rows) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--every", type=int, default=10, help="scoring schedule (the callback default: 10)")
     parser.add_argument("--leaks-per-kind", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

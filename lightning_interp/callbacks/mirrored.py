@@ -66,7 +66,7 @@ class MirroredInfluence(InterpretationCallback):
             scheduled epochs as TracInCP sums over checkpoints) of the top-k flagged samples and of k random
             training samples for reference (0: off; costs per-sample gradients of 2k samples).
         log_top_k: rows of the flagged table and images of the gallery.
-        **kwargs: the base options (``every_n_epochs`` default 5, ``probe`` default ``"train"``,
+        **kwargs: the base options (``every_n_epochs`` default 10, ``probe`` default ``"train"``,
             ``probe_size``, ``alert_action``, ``strict``, ``batch_size``, ``batch_to_xy``, ...).
 
     Attributes:
@@ -98,7 +98,7 @@ class MirroredInfluence(InterpretationCallback):
         log_top_k: int = 16,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("every_n_epochs", 5)
+        kwargs.setdefault("every_n_epochs", 10)
         kwargs.setdefault("probe", "train")
         super().__init__(**kwargs)
         if optimizer not in OPTIMIZERS:
