@@ -86,6 +86,19 @@ def synthetic_table(seeds: int, n: int = 512) -> list[str]:
     return rows
 
 
+def single_blob_table(blobs: int = 20) -> list[str]:
+    """How often one Gaussian blob (16 dimensions) comes out as more than one cluster, by number of rows."""
+    rows = ["| rows | torch: blobs with more than one cluster | sklearn: same |", "|---|---|---|"]
+    for n in (64, 128, 256, 512):
+        wrong = {"torch": 0, "sklearn": 0}
+        for seed in range(blobs):
+            x = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) * 3 + 5
+            for backend in wrong:
+                wrong[backend] += fit_dpgmm(x, seed=seed, backend=backend).n_clusters != 1
+        rows.append(f"| {n} | {wrong['torch']}/{blobs} | {wrong['sklearn']}/{blobs} |")
+    return rows
+
+
 def train_digits_cnn(epochs: int, seed: int = 0) -> tuple[DigitsCNN, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     splits = load_digits_tensors(seed=seed)
@@ -107,7 +120,7 @@ def trained_model_table(epochs: int) -> list[str]:
         accuracy = float((model(x_all).argmax(1) == y_all).float().mean())
     rows = [f"DigitsCNN after {epochs} epochs, training accuracy {accuracy:.3f}; the first n training images, "
             "10 classes; clusters / NMI / ARI per layer.", "",
-            "| layer | n=512, torch | n=512, sklearn | n=256, torch (LayerClusters' default probe) | n=256, sklearn |",
+            "| layer | n=512, torch | n=512, sklearn | n=256, torch | n=256, sklearn |",
             "|---|---|---|---|---|"]
     acts = {}
     for n in (512, 256):
@@ -228,6 +241,7 @@ def main() -> None:
     sections = [
         ("(1) Planted Gaussian groups, dims 8/24/64 x seeds, fit_dpgmm defaults", synthetic_table(seeds, 512)),
         ("(1b) The same with 256 points", synthetic_table(seeds, 256)),
+        ("(1c) One Gaussian blob, 20 seeds", single_blob_table(20 if not args.quick else 5)),
         ("(2) A trained model: per-sample clusters of each DigitsCNN layer vs the 10 classes", trained_model_table(15)),
         ("(3a) The fits of one LayerClusters run (best of 5, one thread)", fit_cost_table()),
         (f"(3b) Whole demo run, {epochs} epochs, LayerClusters() at defaults", overhead_table(epochs, args.pairs)),
