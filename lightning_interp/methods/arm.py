@@ -24,6 +24,7 @@ cost against ARM and predicts the cost of a new shift.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -101,33 +102,64 @@ def _quantile_merge(n: int, m: int, device: torch.device) -> tuple[Tensor, Tenso
 _SORT_POOL: ThreadPoolExecutor | None = None
 
 
-def _parallel_row_sort(rows: np.ndarray, min_rows_per_thread: int = 64) -> None:
-    """Sort each row in place, blocks of rows on ``torch.get_num_threads()`` threads (NumPy releases the GIL)."""
-    global _SORT_POOL
-    workers = min(torch.get_num_threads(), len(rows) // min_rows_per_thread)
-    if workers <= 1:
-        rows.sort(axis=1)
-        return
-    if _SORT_POOL is None or _SORT_POOL._max_workers < workers:
-        _SORT_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arm-sort")
-    blocks = np.array_split(rows, workers)  # views: sorting a block sorts those rows of ``rows``
-    list(_SORT_POOL.map(lambda block: block.sort(axis=1), blocks))
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread inside (restored after): its idle OpenMP workers would otherwise keep spinning on
+    the cores the sorting threads need (measured: the first sort after a 2-thread torch op took 11 ms, not 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sort_by_unit(samples: Sequence[Tensor], then: Callable[..., Tensor] | None = None,
+                  min_units_per_thread: int = 64) -> list[Tensor]:
+    """Every ``[n_i, units]`` sample as ``[units, n_i]`` rows sorted ascending (each unit's quantile function).
+
+    On CPU the sort goes through NumPy (``numpy.sort`` took 10-17 ms for 512 x 2,000 float32 values on the
+    2-core machine of docs/benchmarks.md, ``torch.sort`` 30-150 ms), and the units are split into blocks over
+    ``torch.get_num_threads()`` threads, each transposing and sorting its block of every sample (NumPy and
+    torch release the GIL). Other devices and dtypes use ``torch.sort``. Results are detached and contiguous.
+    With ``then``, each block's sorted rows are passed to it in the same thread and the per-block results
+    are concatenated and returned instead (a one-element list).
+    """
+    samples = [x.detach() for x in samples]
+    units = samples[0].shape[1]
+    if samples[0].device.type != "cpu" or any(x.dtype not in (torch.float32, torch.float64) for x in samples):
+        rows = [x.t().sort(dim=1).values.contiguous() for x in samples]
+        return [then(*rows)] if then is not None else rows
+    out = [torch.empty(units, x.shape[0], dtype=x.dtype) for x in samples]
+
+    def sort_block(bounds: tuple[int, int]) -> Tensor | None:
+        lo, hi = bounds
+        blocks = [rows[lo:hi] for rows in out]
+        for x, block in zip(samples, blocks):
+            block.copy_(x[:, lo:hi].t())
+            block.numpy().sort(axis=1)
+        return then(*blocks) if then is not None else None
+
+    workers = max(1, min(torch.get_num_threads(), units // min_units_per_thread))
+    bounds = [(i * units // workers, (i + 1) * units // workers) for i in range(workers)]
+    with _one_torch_thread():
+        if workers == 1:
+            results = [sort_block(bounds[0])]
+        else:
+            global _SORT_POOL
+            if _SORT_POOL is None or _SORT_POOL._max_workers < workers:
+                _SORT_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arm-sort")
+            results = list(_SORT_POOL.map(sort_block, bounds))
+    return [torch.cat(results)] if then is not None else out
 
 
 def sort_samples(x: Tensor) -> Tensor:
     """Sort ``[n, units]`` samples along the sample axis (each unit's empirical quantile function).
 
-    On CPU the sort goes through NumPy (on a fresh copy; it releases the GIL): on the 2-core machine of
-    docs/benchmarks.md ``torch.sort`` took 45-150 ms for 512 x 2,000 float32 values, ``numpy.sort`` 10-17 ms.
-    Other devices use ``torch.sort``. Returns a detached ``[n, units]`` view of a ``[units, n]`` contiguous
-    tensor on ``x``'s device.
+    Returns a detached ``[n, units]`` view of a ``[units, n]`` contiguous tensor on ``x``'s device (see
+    :func:`_sort_by_unit` for how).
     """
-    by_unit = x.detach().t().contiguous()  # [units, n]: each unit's samples contiguous
-    if by_unit.device.type == "cpu" and by_unit.dtype in (torch.float32, torch.float64):
-        _parallel_row_sort(by_unit.numpy())  # in place on the fresh copy
-    else:
-        by_unit = by_unit.sort(dim=1).values
-    return by_unit.t()
+    return _sort_by_unit([x])[0].t()
 
 
 def wasserstein_1d(a: Tensor, b: Tensor, assume_sorted: bool = False) -> Tensor:
@@ -155,14 +187,17 @@ def wasserstein_1d(a: Tensor, b: Tensor, assume_sorted: bool = False) -> Tensor:
         raise ValueError(f"a is on {a.device} and b on {b.device}; put both on one device")
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
-    if not assume_sorted:
-        a, b = sort_samples(a), sort_samples(b)
-    a_by_unit, b_by_unit = a.t(), b.t()  # contiguous when they come from sort_samples
     if a.shape[0] == b.shape[0]:
-        dist = (a_by_unit - b_by_unit).abs().mean(dim=1)
+        distance = lambda a_rows, b_rows: (a_rows - b_rows).abs().mean(dim=1)  # noqa: E731
     else:
         idx_a, idx_b, widths = _quantile_merge(a.shape[0], b.shape[0], a.device)
-        dist = (a_by_unit[:, idx_a] - b_by_unit[:, idx_b]).abs() @ widths.to(dtype)
+        widths = widths.to(dtype)
+        distance = lambda a_rows, b_rows: (a_rows[:, idx_a] - b_rows[:, idx_b]).abs() @ widths  # noqa: E731
+    if assume_sorted:  # contiguous [units, n] rows when they come from sort_samples
+        with _one_torch_thread() if a.device.type == "cpu" else contextlib.nullcontext():
+            dist = distance(a.t(), b.t())
+    else:  # sorted and compared block by block in the sorting threads
+        dist = _sort_by_unit([a, b], then=distance)[0]
     return dist.squeeze(0) if squeeze else dist
 
 
