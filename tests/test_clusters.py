@@ -255,6 +255,8 @@ def test_batched_fits_equal_single_fits_and_agree_with_scikit_learn():
         reference = fit_dpgmm(x, classes, backend="sklearn")
         assert cluster_agreement(fit.labels, reference.labels)[1] >= 0.95
         assert abs(fit.n_clusters - reference.n_clusters) <= 1
+    narrow = (planted_groups(4, seed=4)[0][:, :5], None, None)  # 5 features: zero-padded in a batch of 8
+    assert torch.equal(fit_dpgmm_many([requests[0], narrow])[1].labels, fit_dpgmm(narrow[0]).labels)
     with pytest.raises(ValueError, match="backend='torch' fits diagonal covariances"):
         fit_dpgmm(requests[0][0], backend="torch", covariance_type="full")
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.mixture import BayesianGaussianMixture
 from threadpoolctl import ThreadpoolController
 
@@ -342,15 +343,16 @@ def fit_dpgmm_many(
                                                         init_params, seed), weight_cutoff)
         else:
             groups: dict[tuple, list[tuple[int, _Prepared]]] = {}
-            for i, ready in prepared:
-                key = (ready.fit_rows.shape, ready.n_components)
-                groups.setdefault(key, []).append((i, ready))
+            for i, ready in prepared:  # one batch per (rows, components); narrower fits are zero-padded
+                groups.setdefault((len(ready.fit_rows), ready.n_components), []).append((i, ready))
             for members in groups.values():
+                width = max(r.fit_rows.shape[1] for _, r in members)
                 fits = fit_dp_mixtures(
-                    torch.stack([r.fit_rows for _, r in members]),
+                    torch.stack([F.pad(r.fit_rows, (0, width - r.fit_rows.shape[1])) for _, r in members]),
                     [r.features for _, r in members],
                     n_components=members[0][1].n_components, concentration=concentration, max_iter=max_iter,
                     n_init=n_init, seed=seed, kmeans_iter=100 if init_params == "kmeans" else 0,
+                    dims=[r.fit_rows.shape[1] for _, r in members],
                 )
                 for (i, ready), fit in zip(members, fits):
                     results[i] = _finish_fit(ready, fit, weight_cutoff)

@@ -27,9 +27,11 @@ it is not scikit-learn's k-means, so fits agree in distribution, not bit for bit
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["MixtureFit", "fit_dp_mixtures", "batched_kmeans"]
@@ -100,19 +102,35 @@ def _design(x: Tensor) -> Tensor:
 
 
 class _Posterior:
-    """Variational parameters of ``B`` diagonal DP-GMMs with ``K`` components over ``D`` features."""
+    """Variational parameters of ``B`` diagonal DP-GMMs with ``K`` components over ``D`` features.
 
-    def __init__(self, x: Tensor, concentration: float) -> None:
-        self.dims = x.shape[-1]
+    Fit ``b`` uses its first ``dims[b]`` features; the others are zero padding (so fits of different widths
+    share one batch) and are left out of every sum over features.
+    """
+
+    def __init__(self, x: Tensor, concentration: float, dims: Tensor) -> None:
+        self.width = x.shape[-1]
+        self.dims = dims.to(x.dtype)  # [B]
+        offsets = torch.arange(self.width, device=x.device)
+        self.real = offsets < dims[:, None]  # [B, D]
+        self.offsets = offsets.to(x.dtype)
         self.alpha = concentration
         self.mean_prior = x.mean(dim=1)  # [B, D]
         self.beta_prior = 1.0
-        self.dof_prior = float(self.dims)
-        self.covariance_prior = x.var(dim=1, unbiased=True)  # [B, D]
+        self.dof_prior = self.dims[:, None]  # [B, 1]: scikit-learn's default, the number of features
+        self.covariance_prior = torch.where(self.real, x.var(dim=1, unbiased=True), 1.0)  # [B, D]
+
+    def _sum_real(self, values: Tensor) -> Tensor:
+        """Sum over the feature axis of ``[B, K, D]`` values, padding left out."""
+        return torch.where(self.real[:, None], values, 0.0).sum(-1)
+
+    def _log_wishart_terms(self, fn) -> Tensor:
+        """``sum_{i < D_b} fn(0.5 (nu_k - i))``, ``[B, K]``."""
+        return self._sum_real(fn(0.5 * (self.dof[..., None] - self.offsets)))
 
     def update(self, stats: Tensor) -> None:
         """The M-step from ``stats = resp^T [x, x^2, 1]`` (``[B, K, 2D + 1]``): every variational factor."""
-        d = self.dims
+        d = self.width
         nk = stats[..., -1] + 10 * torch.finfo(stats.dtype).eps  # [B, K]
         xk = stats[..., :d] / nk[..., None]  # [B, K, D]
         sk = stats[..., d : 2 * d] / nk[..., None] - xk.pow(2) + REG_COVAR
@@ -142,35 +160,41 @@ class _Posterior:
         Expanding ``-1/2 sum_d lambda_kd (x_d - m_kd)^2``: linear terms ``lambda m``, quadratic ``-lambda / 2``,
         and everything that does not depend on ``x`` in the constant column.
         """
-        d = self.dims
+        d = self.dims[:, None]  # [B, 1]
         precisions = self.precision_chol.pow(2)  # [B, K, D]
-        offsets = torch.arange(d, dtype=precisions.dtype, device=precisions.device)
-        log_lambda = d * math.log(2.0) + torch.digamma(0.5 * (self.dof[..., None] - offsets)).sum(-1)  # [B, K]
+        log_lambda = d * math.log(2.0) + self._log_wishart_terms(torch.digamma)  # [B, K]
         digamma_sum = torch.digamma(self.concentration_a + self.concentration_b)
         log_v = torch.digamma(self.concentration_a) - digamma_sum
         log_not_v = torch.digamma(self.concentration_b) - digamma_sum
         log_weights = log_v + torch.nn.functional.pad(log_not_v.cumsum(1)[:, :-1], (1, 0))
         constant = (
-            -0.5 * (d * math.log(2 * math.pi) + (self.means.pow(2) * precisions).sum(-1))
-            + self.precision_chol.log().sum(-1) - 0.5 * d * self.dof.log()
+            -0.5 * (d * math.log(2 * math.pi) + self._sum_real(self.means.pow(2) * precisions))
+            + self._sum_real(self.precision_chol.log()) - 0.5 * d * self.dof.log()
             + 0.5 * (log_lambda - d / self.mean_precision)
             + log_weights
         )
+        precisions = torch.where(self.real[:, None], precisions, 0.0)
         return torch.cat([self.means * precisions, -0.5 * precisions, constant[..., None]], dim=-1).transpose(1, 2)
 
     def lower_bound(self, entropy: Tensor) -> Tensor:
         """The evidence lower bound (up to a constant) per fit, ``[B]``, as scikit-learn computes it;
         ``entropy`` is ``-sum r log r`` of the responsibilities that produced the current parameters."""
-        d = self.dims
-        log_det_chol = self.precision_chol.log().sum(-1) - 0.5 * d * self.dof.log()
-        offsets = torch.arange(d, dtype=entropy.dtype, device=entropy.device)
+        d = self.dims[:, None]  # [B, 1]
+        log_det_chol = self._sum_real(self.precision_chol.log()) - 0.5 * d * self.dof.log()
         log_wishart_norm = -(
-            self.dof * log_det_chol + self.dof * d * 0.5 * math.log(2.0)
-            + torch.lgamma(0.5 * (self.dof[..., None] - offsets)).sum(-1)
+            self.dof * log_det_chol + self.dof * d * 0.5 * math.log(2.0) + self._log_wishart_terms(torch.lgamma)
         )
         a, b = self.concentration_a, self.concentration_b
         log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-        return entropy - log_wishart_norm.sum(1) + log_beta.sum(1) - 0.5 * d * self.mean_precision.log().sum(1)
+        return entropy - log_wishart_norm.sum(1) + log_beta.sum(1) - 0.5 * self.dims * self.mean_precision.log().sum(1)
+
+    def select(self, index: Tensor) -> "_Posterior":
+        """The fits ``index`` of this batch, as a posterior of their own."""
+        chosen = _Posterior.__new__(_Posterior)
+        for name, value in self.__dict__.items():
+            per_fit = isinstance(value, Tensor) and value.dim() > 0 and name != "offsets"
+            chosen.__dict__[name] = value[index] if per_fit else value
+        return chosen
 
     def weights(self) -> Tensor:
         total = self.concentration_a + self.concentration_b
@@ -191,6 +215,7 @@ def fit_dp_mixtures(
     seed: int = 0,
     kmeans_iter: int = 100,
     init_labels: Tensor | None = None,
+    dims: Sequence[int] | None = None,
 ) -> list[MixtureFit]:
     """Fit ``B`` independent diagonal DP-GMMs on ``fit_rows [B, N, D]`` in one batched loop.
 
@@ -206,13 +231,18 @@ def fit_dp_mixtures(
         seed: seeds the k-means++ draws (a private generator; global RNGs untouched).
         kmeans_iter: Lloyd iterations after the k-means++ seeding (0: the seeding alone).
         init_labels: ``[B, N]`` initial component of every row instead of k-means (then ``n_init`` must be 1).
+        dims: features fit ``b`` really has (its first ``dims[b]``; the rest of ``D`` is zero padding, left
+            out of the model), so fits of different widths run in one batch; default: all ``D``.
 
     Returns:
         one :class:`MixtureFit` per fit, tensors on CPU.
     """
     if fit_rows.dim() != 3:
         raise ValueError(f"fit_rows must be [fits, rows, features], got shape {tuple(fit_rows.shape)}")
-    b, n, _ = fit_rows.shape
+    b, n, width = fit_rows.shape
+    dims = torch.full((b,), width) if dims is None else torch.as_tensor(list(dims))
+    if dims.shape != (b,) or not bool(((dims >= 1) & (dims <= width)).all()):
+        raise ValueError(f"dims must give 1..{width} features for each of the {b} fits, got {dims.tolist()}")
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components must be in [1, rows={n}], got {n_components}")
     x = fit_rows.repeat_interleave(n_init, dim=0) if n_init > 1 else fit_rows
@@ -224,7 +254,7 @@ def fit_dp_mixtures(
     resp = torch.nn.functional.one_hot(init_labels.to(x.device, torch.long), n_components).to(x.dtype)
 
     design = _design(x)
-    posterior = _Posterior(x, concentration)
+    posterior = _Posterior(x, concentration, dims.repeat_interleave(n_init).to(x.device))
     posterior.update(resp.transpose(1, 2) @ design)
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(len(x), dtype=torch.long, device=x.device)
@@ -248,12 +278,10 @@ def fit_dp_mixtures(
 
     best = bound.view(b, n_init).argmax(1) + torch.arange(b, device=x.device) * n_init
     weights = posterior.weights()[best]
-    keep = _Posterior.__new__(_Posterior)
-    keep.__dict__.update(posterior.__dict__)
-    keep.set_state([p[best] for p in posterior.state()])
-    coefficients = keep.coefficients()
+    coefficients = posterior.select(best).coefficients()
     targets = fit_rows if assign_rows is None else assign_rows
-    labels = [(_design(t.to(x.device, x.dtype)) @ coefficients[i]).argmax(-1) for i, t in enumerate(targets)]
+    targets = [F.pad(t.to(x.device, x.dtype), (0, width - t.shape[-1])) for t in targets]  # to the batch width
+    labels = [(_design(t) @ coefficients[i]).argmax(-1) for i, t in enumerate(targets)]
     return [
         MixtureFit(weights=weights[i].cpu(), labels=labels[i].cpu(), n_iter=int(n_iter[best[i]]),
                    converged=bool(done[best[i]]), lower_bound=float(bound[best[i]]))
