@@ -66,16 +66,21 @@ def heatmap(
         high = max(abs(low), abs(high))
         low = -high
     font = ImageFont.load_default()
-    char_w, line_h, pad = 6, 11, 6
+    text_w = lambda text: int(np.ceil(font.getlength(text)))  # noqa: E731  (Pillow's default font is proportional)
+    _, top_, _, bottom_ = font.getbbox("Ag[]|")
+    line_h, pad = bottom_ - min(top_, 0) + 1, 6
     cell_w, cell_h = cell
+    cell_h = max(cell_h, line_h + 2)
     rows, cols = data.shape
-    left = pad + char_w * max((len(r) for r in row_labels), default=0) + 4
+    left = pad + max((text_w(r) for r in row_labels), default=0) + 4
     top = pad + (line_h + 4 if title else 0)
-    label_h = char_w * max((len(c) for c in col_labels), default=0) + 4
+    label_h = max((text_w(c) for c in col_labels), default=0) + 4
+    cell_w = max(cell_w, line_h + 2)  # column labels are written vertically, one line wide
     bar_x = left + cols * cell_w + 12
-    value_w = char_w * max(len(f"{low:.3g}"), len(f"{high:.3g}")) + 6
-    width = bar_x + 12 + 4 + value_w + (line_h + 4 if value_label else 0) + pad
-    height = max(top + rows * cell_h + label_h + pad, top + 120 + pad)
+    value_w = max(text_w(f"{low:.3g}"), text_w(f"{high:.3g}")) + 6
+    width = max(bar_x + 12 + 4 + value_w + (line_h + 4 if value_label else 0) + pad, pad + text_w(title) + pad)
+    bar_h = max(rows * cell_h, 120, text_w(value_label) if value_label else 0)
+    height = max(top + rows * cell_h + label_h + pad, top + bar_h + pad)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
@@ -84,26 +89,25 @@ def heatmap(
     cells = np.kron(colorize(data, cmap, low, high), np.ones((cell_h, cell_w, 1), dtype=np.uint8))
     canvas.paste(Image.fromarray(cells), (left, top))
     for i, label in enumerate(row_labels):
-        draw.text((left - 4 - char_w * len(label), top + i * cell_h + (cell_h - line_h) // 2), label, fill="black", font=font)
+        draw.text((left - 4 - text_w(label), top + i * cell_h + (cell_h - line_h) // 2), label, fill="black", font=font)
     for j, label in enumerate(col_labels):
-        text = _rotated_text(label, font, char_w, line_h)
+        text = _rotated_text(label, font, text_w(label), line_h)
         canvas.paste(text, (left + j * cell_w + (cell_w - line_h) // 2, top + rows * cell_h + 3))
 
-    bar_h = max(rows * cell_h, 120)
     ramp = colorize(np.linspace(high, low, bar_h)[:, None].repeat(12, axis=1), cmap, low, high)
     canvas.paste(Image.fromarray(ramp), (bar_x, top))
     draw.text((bar_x + 16, top), f"{high:.3g}", fill="black", font=font)
     draw.text((bar_x + 16, top + bar_h - line_h), f"{low:.3g}", fill="black", font=font)
     if value_label:
-        canvas.paste(_rotated_text(value_label, font, char_w, line_h), (bar_x + 16 + value_w, top))
+        canvas.paste(_rotated_text(value_label, font, text_w(value_label), line_h), (bar_x + 16 + value_w, top))
     return np.asarray(canvas)
 
 
-def _rotated_text(text: str, font, char_w: int, line_h: int):
+def _rotated_text(text: str, font, text_w: int, line_h: int):
     """``text`` drawn top to bottom (rotated a quarter turn), as a PIL image."""
     from PIL import Image, ImageDraw
 
-    strip = Image.new("RGB", (max(1, char_w * len(text) + 2), line_h), "white")
+    strip = Image.new("RGB", (max(1, text_w + 2), line_h), "white")
     ImageDraw.Draw(strip).text((0, 0), text, fill="black", font=font)
     return strip.rotate(-90, expand=True)
 

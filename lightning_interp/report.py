@@ -226,33 +226,48 @@ def write_projector_embedding(writer, tag: str, step: int, mat: np.ndarray, meta
     ``projector_config.pbtxt``, sharing the writer's config so both can be used on one writer), in ~17 ms
     where ``add_embedding`` took ~45-60 ms for 512 x 64 points with thumbnails (a Python ``str`` per value).
     """
+    import io
+
     from google.protobuf import text_format
+    from tensorboard.compat import tf
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    logdir = Path(writer.get_logdir())
+    gfile = tf.io.gfile  # what torch's writer uses: local paths and the remote file systems TensorBoard knows
+    logdir = writer.get_logdir().rstrip("/")
     encoded = tag.replace("%", "%25").replace("/", "%2f").replace("\\", "%5c")  # as torch's writer names it
     subdir = f"{step:05d}/{encoded}"
-    folder = logdir / subdir
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = f"{logdir}/{subdir}"
+    gfile.makedirs(folder)
+
+    def write(name: str, data: bytes) -> None:
+        with gfile.GFile(f"{folder}/{name}", "wb") as fh:
+            fh.write(data)
+
     mat = np.asarray(mat, dtype=np.float32).reshape(len(mat), -1)
-    np.savetxt(folder / "tensors.tsv", mat, delimiter="\t", fmt="%.7g")
+    text = io.StringIO()
+    np.savetxt(text, mat, delimiter="\t", fmt="%.7g")
+    write("tensors.tsv", text.getvalue().encode())
     config = getattr(writer, "_projector_config", None) or ProjectorConfig()
     info = config.embeddings.add()
     info.tensor_name = f"{tag}:{step:05d}"
     info.tensor_path = f"{subdir}/tensors.tsv"
     if metadata is not None:
-        with open(folder / "metadata.tsv", "w", newline="") as fh:
-            out = csv.writer(fh, delimiter="\t", lineterminator="\n")
-            if metadata_header:
-                out.writerow(metadata_header)
-            out.writerows(row if isinstance(row, (list, tuple)) else [row] for row in metadata)
+        text = io.StringIO()
+        out = csv.writer(text, delimiter="\t", lineterminator="\n")
+        if metadata_header:
+            out.writerow(metadata_header)
+        out.writerows(row if isinstance(row, (list, tuple)) else [row] for row in metadata)
+        write("metadata.tsv", text.getvalue().encode())
         info.metadata_path = f"{subdir}/metadata.tsv"
     if label_img is not None:
-        _sprite(label_img).save(folder / "sprite.png")
+        image = io.BytesIO()
+        _sprite(label_img).save(image, format="PNG")
+        write("sprite.png", image.getvalue())
         info.sprite.image_path = f"{subdir}/sprite.png"
         info.sprite.single_image_dim.extend([label_img.shape[3], label_img.shape[2]])
     writer._projector_config = config
-    (logdir / "projector_config.pbtxt").write_text(text_format.MessageToString(config))
+    with gfile.GFile(f"{logdir}/projector_config.pbtxt", "wb") as fh:
+        fh.write(text_format.MessageToString(config).encode())
 
 
 def _sprite(images: torch.Tensor):

@@ -315,6 +315,47 @@ def test_reads_the_trainers_validation_pass_instead_of_a_second_forward(tmp_path
     assert tapped._tap is None and all(not m._forward_hooks for m in tapped.select_layers(DigitsCNN()).values())
 
 
+def test_validation_pass_and_own_pass_are_never_compared(tmp_path, dm):
+    """Inputs normalised in a batch-transfer hook: the validation pass sees them, ARMDrift's own pass does not."""
+
+    class Normalising(DigitsCNN):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return 3 * x - 1, y
+
+    def run(reuse):
+        cb = ARMDrift(reuse_validation=reuse, strict=True)
+        pl.seed_everything(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, [cb], max_epochs=4, logger=False, check_val_every_n_epoch=2).fit(Normalising(), dm)
+        return cb, [str(w.message) for w in caught if "are not compared" in str(w.message)]
+
+    mixed, warned = run(True)  # validation only every other epoch: the sources alternate
+    own, quiet = run(False)
+    assert mixed.history_ == [] and len(warned) == 1 and "become the new reference" in warned[0]
+    assert [r["epoch"] for r in own.history_] == [1, 2, 3] and quiet == []
+
+
+def test_weights_changed_after_validation_are_read_again(tmp_path, dm):
+    from lightning_interp._lightning import Callback
+
+    class Shrink(Callback):  # listed first: changes fc1 after validation, before ARMDrift analyses
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.fc1.weight.mul_(0.5)
+
+    def run(reuse):
+        cb = ARMDrift(reuse_validation=reuse, strict=True)
+        pl.seed_everything(3)
+        make_trainer(tmp_path, [Shrink(), cb], max_epochs=3, logger=False).fit(DigitsCNN(), dm)
+        return cb
+
+    tapped, own = run(True), run(False)
+    for a, b in zip(tapped.history_, own.history_, strict=True):
+        assert a["per_layer"] == pytest.approx(b["per_layer"], abs=1e-6)
+
+
 def test_constructor_validation():
     with pytest.raises(ValueError, match="reference must be 'previous', 'first' or an epoch number"):
         ARMDrift(reference="last")

@@ -23,6 +23,20 @@ def test_never_disturbs_training_bit_for_bit(tmp_path):
     assert all(len(cb.history_) == 3 for cb in interp)
 
 
+def test_a_schedule_that_never_comes_due_is_named_at_setup(tmp_path, datamodule):
+    from lightning_interp import ComponentAttribution, MirroredInfluence
+
+    late = MeanActivation(every_n_epochs=5, strict=True)
+    with pytest.warns(InterpretationWarning, match=r"every_n_epochs=5\) never comes due within max_epochs=2"):
+        make_trainer(tmp_path, [late, MirroredInfluence(every_n_epochs=2)], max_epochs=2, logger=False).fit(
+            DigitsCNN(), datamodule)
+    assert late.history_ == []
+    with warnings.catch_warnings(record=True) as caught:  # runs at the end anyway: no such warning
+        warnings.simplefilter("always")
+        ComponentAttribution().setup(make_trainer(tmp_path, max_epochs=2, logger=False), DigitsCNN(), "fit")
+    assert not [w for w in caught if "never comes due" in str(w.message)]
+
+
 def test_schedule_scalars_and_histograms_reach_tensorboard(tmp_path, datamodule):
     cb = MeanActivation(every_n_epochs=2, strict=True)
     trainer = make_trainer(tmp_path, [cb], max_epochs=4)

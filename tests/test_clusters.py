@@ -484,3 +484,17 @@ def test_projector_files_match_torchs_add_embedding(tmp_path):
         assert (a / "metadata.tsv").read_text() == (b / "metadata.tsv").read_text()
         sprite_a, sprite_b = (np.asarray(Image.open(f / "sprite.png"), dtype=int) for f in (a, b))
         assert sprite_a.shape == sprite_b.shape and np.abs(sprite_a - sprite_b).max() <= 1
+
+
+def test_projector_files_go_through_tensorboards_file_systems():
+    """A remote log directory (fsspec's in-memory one here) gets the files; nothing lands on local disk."""
+    fsspec = pytest.importorskip("fsspec")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_interp.report import write_projector_embedding
+
+    writer = SummaryWriter("memory://lightning-interp-test/run")
+    write_projector_embedding(writer, "clusters/fc1", 1, torch.randn(5, 3).numpy(), [[i] for i in range(5)], None,
+                              torch.rand(5, 1, 8, 8))
+    files = fsspec.filesystem("memory").find("/lightning-interp-test/run")
+    assert {f.rsplit("/", 1)[-1] for f in files} >= {"tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt"}

@@ -51,9 +51,13 @@ class ARMDrift(InterpretationCallback):
             floats per layer) so a resumed run continues drift against the same reference.
         reuse_validation: with ``probe="val"`` and no coreset, record the layers during the trainer's own
             validation pass of a scheduled epoch instead of running a second forward pass over the validation
-            set (the same eval-mode activations at the same weights). Falls back to its own pass when the
-            trainer did not validate that epoch, validated only part of the set (``limit_val_batches``,
-            ``drop_last``), has several validation loaders, or runs on several processes.
+            set (the eval-mode activations the model really sees, after the module's batch-transfer hooks and
+            under the trainer's precision). Falls back to its own pass when the trainer did not validate that
+            epoch, validated only part of the set (``limit_val_batches``, ``drop_last``), has several
+            validation loaders, runs on several processes, uses ``shift_data``, or when the weights changed
+            after validation (another callback swapping or pruning them). Activations of the two passes are
+            never compared with each other (an epoch whose source differs from its reference's is skipped with
+            one warning).
         **kwargs: the base options (``every_n_epochs``, ``probe``, ``probe_size``, ``layers``, ``alert_action``,
             ``strict``, ...), see :class:`~lightning_interp.callbacks.base.InterpretationCallback`.
 
@@ -129,8 +133,9 @@ class ARMDrift(InterpretationCallback):
         self._streaks: dict[str, int] = {}
         self._peaks: dict[str, float] = {}
         self._checked_shapes = False
-        self._tap: tuple[ActivationRecorder, int, int] | None = None
-        self._tapped: tuple[int, int, dict[str, Tensor]] | None = None  # (epoch, step, activations)
+        self._tap: tuple[ActivationRecorder, tuple] | None = None
+        self._tapped: tuple[tuple, dict[str, Tensor]] | None = None  # (weights fingerprint, activations)
+        self._reference_source: str | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
@@ -139,16 +144,31 @@ class ARMDrift(InterpretationCallback):
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         epoch = trainer.current_epoch
         layers = self.select_layers(pl_module)
-        activations = self._take_tapped(trainer, probe)
+        activations, source = self._take_tapped(trainer, pl_module, probe), "validation pass"
         if activations is None:
-            activations = self.forward_probe(trainer, pl_module, probe, layers).activations
+            activations, source = self.forward_probe(trainer, pl_module, probe, layers).activations, "own pass"
         current = {name: sort_samples(act) for name, act in activations.items()}
         shift = self._shift_arm(trainer, pl_module, probe, layers, current) if self.shift_data is not None else None
+
+        if self._reference is not None and self._reference_source not in (None, source):
+            # The trainer's validation pass sees the module's batch-transfer hooks and precision; ARMDrift's own
+            # pass may not: never compare activations of the two pipelines.
+            self.warn_once(
+                "reference:source",
+                f"ARMDrift: epoch {epoch} was read from the {source} but the reference (epoch "
+                f"{self.reference_epoch_}) from the {self._reference_source}, which can see different inputs "
+                "(batch-transfer hooks, precision); such epochs are not compared"
+                + (" and become the new reference" if self.reference == "previous" else "")
+                + ". reuse_validation=False always uses ARMDrift's own pass",
+            )
+            if self.reference == "previous":
+                self._set_reference(current, epoch, probe.indices, source)
+            return
 
         resampled = self._reference_indices is not None and not torch.equal(self._reference_indices, probe.indices)
         if self._reference is not None and resampled:
             if self.reference == "previous":  # a re-selected coreset: drift resumes from the next analysis
-                self._reference, self.reference_epoch_, self._reference_indices = current, epoch, probe.indices
+                self._set_reference(current, epoch, probe.indices, source)
                 return
             self.warn_once(
                 "reference:resampled",
@@ -156,7 +176,7 @@ class ARMDrift(InterpretationCallback):
                 "ARM now compares two different samples of the data (their distributions, not the same points)",
             )
         if self._reference is None:
-            self._take_reference_if_due(epoch, current, probe.indices)
+            self._take_reference_if_due(epoch, current, probe.indices, source)
             if shift is not None:
                 self._log_shift(trainer, shift, record=None)
             return
@@ -175,7 +195,7 @@ class ARMDrift(InterpretationCallback):
         self._update_settled(trainer, record)
         self._log(record)
         if self.reference == "previous":
-            self._reference, self.reference_epoch_, self._reference_indices = current, epoch, probe.indices
+            self._set_reference(current, epoch, probe.indices, source)
         if self.plot_every_n_epochs and len(self.history_) % self.plot_every_n_epochs == 0:
             self._log_heatmap()
 
@@ -196,6 +216,7 @@ class ARMDrift(InterpretationCallback):
             self.reuse_validation
             and self.probe == "val"
             and self.probe_size is None
+            and self.shift_data is None  # the shifted data goes through the own pass: compare like with like
             and not trainer.sanity_checking
             and trainer.world_size == 1
             and self._is_due(trainer.current_epoch)
@@ -206,15 +227,17 @@ class ARMDrift(InterpretationCallback):
             except Exception:
                 return  # compute() reports it
             recorder = ActivationRecorder(pl_module, layers, pool=True, to_cpu=True)
-            self._tap = (recorder.__enter__(), trainer.current_epoch, trainer.global_step)
+            self._tap = (recorder.__enter__(), _weights_fingerprint(pl_module))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._tap is None:
             return
-        recorder, epoch, step = self._tap
+        recorder, weights = self._tap
         self._stop_tap()
         activations = {name: act.float() for name, act in recorder.stacked().items()}
-        self._tapped = (epoch, step, activations) if len(activations) == len(recorder.layers) else None
+        complete = len(activations) == len(recorder.layers)
+        unchanged = weights == _weights_fingerprint(pl_module)
+        self._tapped = (weights, activations) if complete and unchanged else None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stop_tap()
@@ -228,22 +251,26 @@ class ARMDrift(InterpretationCallback):
             self._tap[0].remove()
             self._tap = None
 
-    def _take_tapped(self, trainer, probe: ProbeData) -> dict[str, Tensor] | None:
-        """This epoch's activations from the validation pass, if they cover exactly the whole probe."""
+    def _take_tapped(self, trainer, pl_module, probe: ProbeData) -> dict[str, Tensor] | None:
+        """This epoch's activations from the validation pass, if they cover exactly the whole probe and the
+        weights are still the ones validated (another callback may swap or prune them in between)."""
         tapped, self._tapped = self._tapped, None
         if tapped is None or self.probe != "val" or self.probe_size is not None:
             return None
-        epoch, step, activations = tapped
+        weights, activations = tapped
         loader = _as_list(trainer.val_dataloaders)[0]
         covers_probe = (
             getattr(loader, "dataset", None) is probe.dataset
             and len(probe) == probe.dataset_size
             and all(len(act) == len(probe) for act in activations.values())
         )
-        same_weights = (epoch, step) == (trainer.current_epoch, trainer.global_step)
-        return activations if covers_probe and same_weights else None
+        return activations if covers_probe and weights == _weights_fingerprint(pl_module) else None
 
-    def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor], indices: Tensor) -> None:
+    def _set_reference(self, current: dict[str, Tensor], epoch: int, indices: Tensor, source: str) -> None:
+        self._reference, self.reference_epoch_, self._reference_indices = current, epoch, indices
+        self._reference_source = source
+
+    def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor], indices: Tensor, source: str) -> None:
         target = self.reference
         if isinstance(target, int) and epoch < target:
             return  # drift is reported from the first analysis after the reference epoch
@@ -254,7 +281,7 @@ class ARMDrift(InterpretationCallback):
                 "never recorded (resumed from a checkpoint without ARMDrift state?); no drift can be reported",
             )
             return
-        self._reference, self.reference_epoch_, self._reference_indices = current, epoch, indices
+        self._set_reference(current, epoch, indices, source)
 
     def _shift_arm(self, trainer, pl_module, probe, layers, current) -> ARMResult:
         dataset = self.shift_data.dataset if isinstance(self.shift_data, DataLoader) else self.shift_data
@@ -372,6 +399,7 @@ class ARMDrift(InterpretationCallback):
             "peaks": dict(self._peaks),
             "reference_epoch": self.reference_epoch_,
             "reference_indices": self._reference_indices,
+            "reference_source": self._reference_source,
         }
         if self.keep_reference_in_checkpoint and self._reference is not None:
             state["reference_activations"] = {n: t.contiguous().clone() for n, t in self._reference.items()}
@@ -384,10 +412,16 @@ class ARMDrift(InterpretationCallback):
         self._peaks = dict(state.get("peaks", {}))
         self.reference_epoch_ = state.get("reference_epoch")
         self._reference_indices = state.get("reference_indices")
+        self._reference_source = state.get("reference_source")
         reference = state.get("reference_activations")
         self._reference = dict(reference) if reference is not None else None
         if self._reference is None:
             self.reference_epoch_ = None
+
+
+def _weights_fingerprint(module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: changes whenever a weight does."""
+    return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
 def _as_list(loaders) -> list:

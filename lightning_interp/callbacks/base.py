@@ -196,6 +196,18 @@ class InterpretationCallback(Callback):
                 stacklevel=2,
             )
 
+        max_epochs = trainer.max_epochs
+        if (stage == "fit" and self.runs_on_epoch_schedule and self.every_n_epochs > 0 and max_epochs is not None
+                and 0 <= max_epochs < self.every_n_epochs):
+            self.warn_once(
+                "schedule:unreachable",
+                f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}) never comes due within "
+                f"max_epochs={max_epochs}: it will not run in this fit. Lower every_n_epochs to at most {max_epochs}",
+            )
+
+    #: Whether the epoch schedule is this callback's only trigger (a subclass with other triggers sets False).
+    runs_on_epoch_schedule: ClassVar[bool] = True
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._is_due(trainer.current_epoch):
             self.run_now(trainer, pl_module)

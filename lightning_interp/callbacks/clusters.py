@@ -180,8 +180,9 @@ class LayerClusters(InterpretationCallback):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results = fit_dpgmm_many([requests[k] for k in keys], names=names, **self.fit_options)
-        for w in caught:  # keyed without its numbers: a NaN count that changes per epoch still warns once
-            self.warn_once(re.sub(r"[0-9]+", "#", str(w.message)), f"{type(self).__name__}: {w.message}")
+        for w in caught:  # keyed by layer and message without its numbers: a changing NaN count warns once
+            name, _, text = str(w.message).partition(": ")
+            self.warn_once(f"{name}:{re.sub(r'[0-9]+', '#', text)}", f"{type(self).__name__}: {w.message}")
         fits = {}
         for key, name, result in zip(keys, names, results):
             if isinstance(result, Exception):

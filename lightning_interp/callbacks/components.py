@@ -61,6 +61,7 @@ class ComponentAttribution(InterpretationCallback):
     """
 
     tag = "components"
+    runs_on_epoch_schedule = False  # checkpoints, and the final model when nothing was due
 
     def __init__(
         self,

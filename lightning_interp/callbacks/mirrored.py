@@ -23,9 +23,10 @@ from ..methods.mirrored import (
     OPTIMIZERS,
     UpdateRule,
     check_class_labels,
+    head_gradient_directions,
     per_sample_loss,
-    relative_head_influence,
     self_influence,
+    top_relative_influence,
     trained_copy,
     translation_orbit,
 )
@@ -225,41 +226,36 @@ class MirroredInfluence(InterpretationCallback):
         self._score_count.index_add_(0, indices[finite], torch.ones(int(finite.sum()), dtype=torch.float64))
 
     def _find_leaks(self, trainer, pl_module, train_outs) -> None:
-        source = self.leak_queries
-        queries = ProbeData(resolve_dataset(trainer, source), batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
-        q = self.forward_probe(trainer, pl_module, queries, features=True)
-        q_labels = q.require_class_labels("MirroredInfluence (leak queries)")
-        logits, features = q.outputs[None], q.features[None]
-        if self.leak_shift_radius:
-            logits, features = self._translated_outputs(trainer, pl_module, queries, q, logits, features)
-        values, index = relative_head_influence(logits, features, q_labels, train_outs.outputs, train_outs.features,
-                                                train_outs.labels, top_k=1, temperature=self.leak_temperature)
-        found = (values[:, 0] > self.leak_threshold).nonzero().squeeze(1)
-        found = found[values[found, 0].argsort(descending=True)]
-        self.leaks_ = [(int(q.indices[i]), int(train_outs.indices[index[i, 0]]), float(values[i, 0])) for i in found]
+        """Each query's most influenced training point, streamed over query batches (and their translations).
 
-    def _translated_outputs(self, trainer, pl_module, queries: ProbeData, q: ProbeOutputs, logits, features):
-        """Logits and head inputs of every translation of the (image) queries, ``[G, Q, ...]``, in ``q``'s order.
-
-        Under DDP each rank evaluates its share of the queries and all gather them (dataset-index order).
+        Under DDP each rank scores its share of the queries against the (gathered) training set, and all ranks
+        gather the per-query results in dataset-index order.
         """
-        shard = queries
+        queries = ProbeData(resolve_dataset(trainer, self.leak_queries), batch_size=self.batch_size,
+                            batch_to_xy=self.batch_to_xy)
         if trainer.world_size > 1:
-            shard = queries.subset(shard_positions(len(queries), trainer.global_rank, trainer.world_size))
-        batches = list(shard.batches("cpu"))
-        x, index = torch.cat([b[0] for b in batches]), torch.cat([b[2] for b in batches])
-        if x.dim() != 4:
-            return logits, features  # not images: compared as they are
-        orbit = translation_orbit(x, self.leak_shift_radius)
-        outs = run_probe(pl_module, ProbeData(TensorDataset(orbit.flatten(0, 1)), batch_size=self.batch_size),
-                         features=True)
-        g, n = orbit.shape[:2]
-        rows = torch.cat([outs.outputs.view(g, n, -1), outs.features.view(g, n, -1)], dim=2).transpose(0, 1)
-        rows, index = gather_by_index(trainer.strategy, rows.flatten(1), index)  # sorted like q
-        if not torch.equal(index, q.indices):
-            raise RuntimeError("leak queries changed between two passes over them")
-        rows = rows.view(len(index), g, -1).transpose(0, 1)
-        return rows[..., : logits.shape[-1]], rows[..., logits.shape[-1]:]
+            queries = queries.subset(shard_positions(len(queries), trainer.global_rank, trainer.world_size))
+        rt, ft = head_gradient_directions(train_outs.outputs, train_outs.features, train_outs.labels,
+                                          self.leak_temperature)
+        results, order = [], []
+        for x, y, index in queries.batches("cpu"):
+            try:
+                check_class_labels(y, "the leak queries")
+            except ValueError as err:
+                raise ProbeDataError(f"MirroredInfluence (leak queries) needs class labels: {err}") from err
+            views = translation_orbit(x, self.leak_shift_radius) if self.leak_shift_radius and x.dim() == 4 else x[None]
+            outs = run_probe(pl_module, ProbeData(TensorDataset(views.flatten(0, 1)), batch_size=self.batch_size),
+                             features=True)
+            g = len(views)
+            rq, fq = head_gradient_directions(outs.outputs.view(g, len(x), -1), outs.features.view(g, len(x), -1),
+                                              y.expand(g, len(x)), self.leak_temperature)
+            values, best = top_relative_influence(rq, fq, rt, ft, top_k=1)
+            results.append(torch.stack([values[:, 0].double(), train_outs.indices[best[:, 0]].double()], dim=1))
+            order.append(index)
+        rows, query_index = gather_by_index(trainer.strategy, torch.cat(results), torch.cat(order))
+        found = (rows[:, 0] > self.leak_threshold).nonzero().squeeze(1)
+        found = found[rows[found, 0].argsort(descending=True)]
+        self.leaks_ = [(int(query_index[i]), int(rows[i, 1]), float(rows[i, 0])) for i in found]
 
     def _second_look(self, trainer, pl_module, probe: ProbeData) -> None:
         k = self.second_look_top_k

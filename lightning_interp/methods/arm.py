@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import importlib.util
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -100,6 +101,14 @@ def _quantile_merge(n: int, m: int, device: torch.device) -> tuple[Tensor, Tenso
 
 
 _SORT_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_sort_pool() -> None:
+    global _SORT_POOL
+    _SORT_POOL = None  # a forked child inherits the pool object but not its threads
+
+
+os.register_at_fork(after_in_child=_forget_sort_pool)
 
 
 @contextlib.contextmanager

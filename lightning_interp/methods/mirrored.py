@@ -259,11 +259,14 @@ def head_gradient_directions(logits: Tensor, features: Tensor, y: Tensor,
 def translation_orbit(x: Tensor, radius: int) -> Tensor:
     """``[(2r+1)^2, N, C, H, W]``: every integer translation ``|dy|, |dx| <= radius`` of images ``x``, zero-filled.
 
-    The identity is the middle element, ``orbit[len(orbit) // 2]``.
+    The identity is the middle element, ``orbit[len(orbit) // 2]``. Images are ``[N, C, H, W]`` (channels
+    first, as torch's convolutions take them).
     """
     if x.dim() != 4:
         raise ValueError(f"translations need images [N, C, H, W], got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
+    if not 0 <= radius < min(h, w):
+        raise ValueError(f"shift radius must be in [0, {min(h, w)}) for {h}x{w} images, got {radius}")
     shifted = []
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
@@ -288,7 +291,7 @@ def relative_head_influence(query_logits: Tensor, query_features: Tensor, query_
     1 for an exact copy of some ``t z_q``. ``G`` is given by the leading axis of ``query_logits [G, Q, C]``
     and ``query_features [G, Q, F]`` (the outputs of transformed copies of each query, e.g.
     :func:`translation_orbit`); ``[Q, C]`` / ``[Q, F]`` means ``G = {identity}``.
-    Needs only logits and penultimate features; ``G`` products ``[chunk, N]`` per step.
+    Needs only logits and penultimate features; memory ``[chunk, N]`` per step.
     """
     if query_logits.dim() == 2:
         query_logits, query_features = query_logits[None], query_features.flatten(1)[None]
@@ -296,11 +299,22 @@ def relative_head_influence(query_logits: Tensor, query_features: Tensor, query_
     rq, fq = head_gradient_directions(query_logits, query_features.reshape(g, q, -1), query_y.expand(g, q),
                                       temperature)
     rt, ft = head_gradient_directions(train_logits, train_features.flatten(1), train_y, temperature)
+    return top_relative_influence(rq, fq, rt, ft, top_k=top_k, chunk=chunk)
+
+
+def top_relative_influence(rq: Tensor, fq: Tensor, rt: Tensor, ft: Tensor, *, top_k: int,
+                           chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Top-k of ``max_g (rq[g] @ rt.T) * (fq[g] @ ft.T)`` per query, from unit gradient factors
+    (:func:`head_gradient_directions`): queries ``[G, Q, ·]``, training points ``[N, ·]``. The maximum over
+    ``G`` is kept running, so memory stays ``[chunk, N]``."""
     top_k = min(top_k, len(rt))
     values, indices = [], []
-    for start in range(0, q, chunk):
+    for start in range(0, rq.shape[1], chunk):
         rows = slice(start, start + chunk)
-        influence = ((rq[:, rows] @ rt.T) * (fq[:, rows] @ ft.T)).amax(0)
+        influence = None
+        for r_view, f_view in zip(rq[:, rows], fq[:, rows]):
+            view = (r_view @ rt.T) * (f_view @ ft.T)
+            influence = view if influence is None else torch.maximum(influence, view)
         best = influence.topk(top_k, dim=1)
         values.append(best.values)
         indices.append(best.indices)
@@ -389,6 +403,8 @@ def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Ten
         raise ValueError(f"rule must be 'relative' or 'reference', got {rule!r}")
     if shift_radius < 0:
         raise ValueError(f"shift_radius must be >= 0, got {shift_radius}")
+    if rule == "relative" and shift_radius and query_x.dim() == 4:  # fail before any forward pass
+        translation_orbit(query_x[:1], shift_radius)
     t_logits, t_features = logits_and_head_inputs(model, train_x)
     query_y, train_y = query_y.cpu(), train_y.cpu()
     if rule == "relative":

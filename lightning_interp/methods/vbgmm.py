@@ -245,6 +245,8 @@ def fit_dp_mixtures(
         raise ValueError(f"dims must give 1..{width} features for each of the {b} fits, got {dims.tolist()}")
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components must be in [1, rows={n}], got {n_components}")
+    centre = fit_rows.mean(dim=1, keepdim=True)  # the model is translation-equivariant (m_0 = data mean);
+    fit_rows = fit_rows - centre  # centring keeps E[x^2] - xbar^2 from cancelling in float32
     x = fit_rows.repeat_interleave(n_init, dim=0) if n_init > 1 else fit_rows
     if init_labels is None:
         seeds = [seed + restart for _ in range(b) for restart in range(n_init)]  # matches repeat_interleave
@@ -279,8 +281,9 @@ def fit_dp_mixtures(
     best = bound.view(b, n_init).argmax(1) + torch.arange(b, device=x.device) * n_init
     weights = posterior.weights()[best]
     coefficients = posterior.select(best).coefficients()
-    targets = fit_rows if assign_rows is None else assign_rows
-    targets = [F.pad(t.to(x.device, x.dtype), (0, width - t.shape[-1])) for t in targets]  # to the batch width
+    targets = fit_rows if assign_rows is None else [t.to(x.device, x.dtype) for t in assign_rows]
+    targets = [F.pad(t, (0, width - t.shape[-1])) - centre[i] if assign_rows is not None else t
+               for i, t in enumerate(targets)]  # to the batch width, centred like the fit
     labels = [(_design(t) @ coefficients[i]).argmax(-1) for i, t in enumerate(targets)]
     return [
         MixtureFit(weights=weights[i].cpu(), labels=labels[i].cpu(), n_iter=int(n_iter[best[i]]),
