@@ -253,7 +253,8 @@ def test_callback_finds_a_validation_image_leaked_into_training(trainer_factory)
     s.x_train = torch.cat([s.x_train, s.x_val[:3], shifted_down])
     s.y_train = torch.cat([s.y_train, s.y_val[:5]])
     cb = MirroredInfluence(every_n_epochs=1, strict=True)
-    plain = MirroredInfluence(every_n_epochs=1, strict=True, leak_shift_radius=0)
+    plain = MirroredInfluence(every_n_epochs=1, strict=True, leak_shift_radius=0, leak_queries=TensorDataset(
+        s.x_val, s.y_val))  # another query set: another state key
     trainer = trainer_factory([cb, plain], max_epochs=1, limit_train_batches=4, limit_val_batches=1)
     trainer.fit(DigitsCNN(), dm)
     copies = {q: t for q, t, _ in cb.leaks_}

@@ -180,10 +180,13 @@ class InterpretationCallback(Callback):
         return self._state_key
 
     def _state_key_fields(self) -> dict[str, Any]:
-        """What tells two instances apart in one Trainer (subclasses add their own settings)."""
+        """What tells two instances apart in one Trainer: the data they analyse, not their hyper-parameters
+        (so a resumed run with, say, another schedule still finds its history; two instances that differ only
+        in hyper-parameters make Lightning raise at once instead of mixing their states)."""
         return {"tag": self.tag, "probe": _source_name(self.probe), "layers": self.layers}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer)
         self._check_layers(pl_module)
         weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]

@@ -137,8 +137,8 @@ class MirroredInfluence(InterpretationCallback):
         self._last_flagged: tuple[Tensor, ...] | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {**super()._state_key_fields(), "trusted": _source_name(self.trusted), "rule": self.rule,
-                "leak_queries": _source_name(self.leak_queries), "leak_shift_radius": self.leak_shift_radius}
+        return {**super()._state_key_fields(), "trusted": _source_name(self.trusted),
+                "leak_queries": _source_name(self.leak_queries)}
 
     # -- results ---------------------------------------------------------------------------------------
     @property

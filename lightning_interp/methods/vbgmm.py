@@ -57,7 +57,7 @@ def batched_kmeans(x: Tensor, k: int, seeds: list[int], max_iter: int = 100, tol
     k-means++ seeding (each new centre drawn with probability proportional to the squared distance to the
     nearest chosen one), then Lloyd iterations until the centres move less than ``tol`` times the data's
     mean variance (scikit-learn's relative tolerance) or ``max_iter``. An empty cluster keeps its centre.
-    Problem ``b`` draws from its own generator seeded with ``seeds[b]``, so its result does not depend on the
+    Problem ``b`` draws from its own generator seeded with ``seeds[b]``, so its draws do not depend on the
     other problems of the batch.
     """
     b, n, d = x.shape
