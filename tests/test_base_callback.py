@@ -49,6 +49,29 @@ def test_schedule_scalars_and_histograms_reach_tensorboard(tmp_path, datamodule)
     assert "probe_mean/outputs" in read_tags(tmp_path / "tb")["histograms"]
 
 
+def test_every_callback_reports_its_coresets_fidelity(tmp_path, datamodule):
+    from lightning_interp import ARMDrift, ComponentAttribution, LayerClusters, MirroredInfluence
+
+    callbacks = [
+        ARMDrift(probe_size=0.2, strict=True),
+        MirroredInfluence(every_n_epochs=1, probe_size=0.2, leak_queries=None, strict=True),
+        ComponentAttribution(at_checkpoints=False, every_n_epochs=1, probe_size=12, probe_fidelity=True,
+                             n_masks=32, n_eval_masks=8, progress_bar=False, strict=True),
+        LayerClusters(every_n_epochs=1, probe_size=128, label_map_images=0, embeddings="none", strict=True),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks, max_epochs=1).fit(DigitsCNN(), datamodule)
+    assert not [w for w in caught if "no fidelity measure" in str(w.message)]
+    ranked = [cb for cb in callbacks if not isinstance(cb, MirroredInfluence)]  # per-sample scores: coverage only
+    for cb in ranked:
+        assert -1.0 <= cb.coreset_["fidelity"]["spearman"] <= 1.0, type(cb).__name__
+    assert "fidelity" not in callbacks[1].coreset_ and callbacks[1].coreset_["size"] == len(callbacks[1].probe_)
+    scalars = read_scalars(tmp_path / "tb")
+    assert {f"{cb.tag}/coreset/spearman" for cb in ranked} <= set(scalars)
+    assert {f"{cb.tag}/coreset/size" for cb in callbacks} <= set(scalars)
+
+
 def test_coreset_probe_is_logged_with_its_fidelity(tmp_path, datamodule):
     cb = MeanActivation(probe="train", probe_size=0.25, probe_selector="kcenter", strict=True)
     trainer = make_trainer(tmp_path, [cb], max_epochs=1)

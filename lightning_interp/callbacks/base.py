@@ -374,6 +374,9 @@ class InterpretationCallback(Callback):
                 reference = full.subset(torch.randperm(len(full), generator=gen)[: self.fidelity_reference_size])
             full_scores = self.fidelity_scores(trainer, pl_module, reference)
             sub_scores = self.fidelity_scores(trainer, pl_module, coreset) if full_scores is not None else None
+            if full_scores is None:
+                self.warn_once("fidelity:none", f"{type(self).__name__} has no fidelity measure "
+                               "(fidelity_scores returns None): the coreset's fidelity is not reported")
             if full_scores is not None and sub_scores is not None:
                 agreement = fidelity(full_scores, sub_scores)
                 record["fidelity"] = agreement

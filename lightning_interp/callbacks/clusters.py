@@ -203,6 +203,13 @@ class LayerClusters(InterpretationCallback):
         inputs = torch.cat([x for x, _, _ in head.batches("cpu")])[: self.label_map_images]
         return maps, (inputs if looks_like_images(inputs) else None)
 
+    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> torch.Tensor:
+        """Per-unit mean and standard deviation of each analysed layer's pooled activations: the distribution
+        the mixtures are fitted to (the cluster counts themselves are a handful of integers, too few for a
+        rank correlation to mean anything)."""
+        outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
+        return torch.cat([torch.cat([a.flatten(1).mean(0), a.flatten(1).std(0)]) for a in outs.activations.values()])
+
     # -- logging -------------------------------------------------------------------------------------------
     def _log_layer(self, name, fit: ClusterFit, position_fit, label_maps, inputs) -> None:
         scalars = {f"{self.tag}/{name}/n_clusters": fit.n_clusters}

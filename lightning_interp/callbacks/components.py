@@ -218,6 +218,19 @@ class ComponentAttribution(InterpretationCallback):
         if self._use_epoch_schedule and self.save_attributions:
             self._save([self._epoch_file(trainer)], trainer)
 
+    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> torch.Tensor:
+        """Per-component attribution averaged over ``probe`` (the class-agnostic summary of a run).
+
+        Both the coreset and the reference are fitted with the same seed, hence the same masks, and COAR's
+        per-example least squares are independent: a coreset example gets the attribution it gets in the
+        reference fit, and only the averaging differs.
+        """
+        x, y, _ = _probe_tensors(probe, model_device(pl_module))
+        components = find_components(pl_module, self.layers, self.layer_types)
+        weights, _ = fit_attributions(pl_module, components, x, y, self.n_masks, self.alpha,
+                                      self.seed + trainer.current_epoch, self.max_batch_size, self.ridge)
+        return weights.mean(0)
+
     def _progress(self, trainer, total: int):
         show = self.progress_bar and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None
         if not show:

@@ -68,7 +68,8 @@ class MirroredInfluence(InterpretationCallback):
             training samples for reference (0: off; costs per-sample gradients of 2k samples).
         log_top_k: rows of the flagged table and images of the gallery.
         **kwargs: the base options (``every_n_epochs`` default 10, ``probe`` default ``"train"``,
-            ``probe_size``, ``alert_action``, ``strict``, ``batch_size``, ``batch_to_xy``, ...).
+            ``probe_fidelity`` default ``False``: a coreset's samples are scored as in the full set, so only
+            its coverage is reported), ``probe_size``, ``alert_action``, ``strict``, ``batch_size``, ``batch_to_xy``, ...).
 
     Attributes:
         scores_: ``[len(train dataset)]`` accumulated scores by dataset index (NaN where never scored).
@@ -101,6 +102,9 @@ class MirroredInfluence(InterpretationCallback):
     ) -> None:
         kwargs.setdefault("every_n_epochs", 10)
         kwargs.setdefault("probe", "train")
+        # Scores are per sample: a coreset's samples get the scores they get in the full set, so the only
+        # loss is coverage (the coreset size, which is logged); there is no rank fidelity to measure.
+        kwargs.setdefault("probe_fidelity", False)
         super().__init__(**kwargs)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
