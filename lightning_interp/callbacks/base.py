@@ -339,8 +339,20 @@ class InterpretationCallback(Callback):
         self.probe_ = ProbeData(dataset, self._probe_indices, self.batch_size, self.batch_to_xy)
         return self.probe_
 
+    def _coreset_fidelity(self, trainer, pl_module, full: ProbeData, coreset: ProbeData) -> dict[str, Any] | None:
+        """Agreement of :meth:`fidelity_scores` on the coreset with those on the full probe (or a sample of it)."""
+        from ..methods.coreset import fidelity
+
+        full_scores = self.fidelity_scores(trainer, pl_module, _reference_sample(full, self.fidelity_reference_size,
+                                                                                  self.seed))
+        if full_scores is None:
+            self.warn_once("fidelity:none", f"{type(self).__name__} has no fidelity measure "
+                           "(fidelity_scores returns None): the coreset's fidelity is not reported")
+            return None
+        return fidelity(full_scores, self.fidelity_scores(trainer, pl_module, coreset))
+
     def _select_coreset(self, trainer, pl_module, full: ProbeData) -> None:
-        from ..methods.coreset import fidelity, resolve_size, select_coreset
+        from ..methods.coreset import resolve_size, select_coreset
 
         size = resolve_size(len(full), self.probe_size)
         if self.probe_selector == "random" and not self.probe_balance:  # needs no forward pass
@@ -368,17 +380,15 @@ class InterpretationCallback(Callback):
         }
         scalars = {f"{self.tag}/coreset/size": float(size)}
         if self.probe_fidelity:
-            reference = full
-            if len(full) > self.fidelity_reference_size:
-                gen = torch.Generator().manual_seed(self.seed)
-                reference = full.subset(torch.randperm(len(full), generator=gen)[: self.fidelity_reference_size])
-            full_scores = self.fidelity_scores(trainer, pl_module, reference)
-            sub_scores = self.fidelity_scores(trainer, pl_module, coreset) if full_scores is not None else None
-            if full_scores is None:
-                self.warn_once("fidelity:none", f"{type(self).__name__} has no fidelity measure "
-                               "(fidelity_scores returns None): the coreset's fidelity is not reported")
-            if full_scores is not None and sub_scores is not None:
-                agreement = fidelity(full_scores, sub_scores)
+            try:
+                agreement = self._coreset_fidelity(trainer, pl_module, full, coreset)
+            except Exception as err:  # the coreset stays usable: its analysis goes on without the measure
+                if self.strict:
+                    raise
+                agreement = None
+                self.warn_once(f"fidelity:{type(err).__name__}",
+                               f"{type(self).__name__}: the coreset's fidelity could not be measured: {err}")
+            if agreement is not None:
                 record["fidelity"] = agreement
                 scalars[f"{self.tag}/coreset/spearman"] = agreement["spearman"]
                 scalars[f"{self.tag}/coreset/jaccard_top_k"] = agreement["jaccard_top_k"]
@@ -392,6 +402,12 @@ class InterpretationCallback(Callback):
                 [[self.probe_selector, size, len(full), fid.get("spearman", "n/a"), fid.get("jaccard_top_k", "n/a")]],
             ),
         )
+
+
+def _reference_sample(full: ProbeData, size: int, seed: int) -> ProbeData:
+    if len(full) <= size:
+        return full
+    return full.subset(torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:size])
 
 
 def _source_name(source) -> str | None:

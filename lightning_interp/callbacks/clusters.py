@@ -208,7 +208,8 @@ class LayerClusters(InterpretationCallback):
         the mixtures are fitted to (the cluster counts themselves are a handful of integers, too few for a
         rank correlation to mean anything)."""
         outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
-        return torch.cat([torch.cat([a.flatten(1).mean(0), a.flatten(1).std(0)]) for a in outs.activations.values()])
+        stats = [torch.cat([a.flatten(1).mean(0), a.flatten(1).std(0)]) for a in outs.activations.values()]
+        return torch.cat([s for s in stats if s.isfinite().all()])  # NaN layers are skipped by the analysis too
 
     # -- logging -------------------------------------------------------------------------------------------
     def _log_layer(self, name, fit: ClusterFit, position_fit, label_maps, inputs) -> None:
