@@ -15,7 +15,11 @@ Run from the repository root::
      top-10% Jaccard within each layer, averaged over layers;
    * ARM per layer: the 4 per-layer ARM values (Spearman over 4 numbers: coarse);
    * mean activation profile: per-unit mean activation, within each layer, averaged over layers;
-   * COAR: per-component attribution averaged over the probe examples (``methods.coar``).
+   * COAR: per-component attribution averaged over the probe examples (``methods.coar``);
+   * DP-GMM (``methods.dpgmm``, LayerClusters' defaults): per layer, the cluster count and its NMI with the
+     classes; reported as the mean relative count error and mean |NMI difference| over the 4 layers (4
+     counts are too few for a rank correlation). Counts grow with the number of samples, so small
+     coresets are expected to find fewer clusters.
 
    Every selector runs plain and class-balanced; "random" is averaged over 5 seeds (mean +- std). A last
    row gives the ceiling of per-unit ARM: the full set against itself under another noise draw.
@@ -37,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_interp.demo import DigitsCNN, load_digits_tensors
+from lightning_interp import LayerClusters
 from lightning_interp.methods import arm, coar
+from lightning_interp.methods.dpgmm import fit_dpgmm_many
 from lightning_interp.methods.coreset import SELECTORS, adaptive_coreset, fidelity, herding, kcenter_greedy, resolve_size, select_coreset
 from _timing import best_time as _best_time
 
@@ -129,7 +135,15 @@ def arm_result(model, x_clean, x_noisy):
     return arm.arm_from_activations(a, b)
 
 
-def results_on(model, x, x_noisy, positions, coar_attr):
+def cluster_results(acts: dict[str, torch.Tensor], classes: torch.Tensor) -> list:
+    """LayerClusters' per-sample fits (its default options) of every layer, batched as the callback does."""
+    options = dict(LayerClusters().fit_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small coresets shrink the truncation, with a warning
+        return fit_dpgmm_many([(acts[k], classes, None) for k in LAYERS], **options)
+
+
+def results_on(model, x, x_noisy, positions, coar_attr, classes):
     res = arm_result(model, x[positions], x_noisy[positions])
     acts, _, _ = record(model, x[positions])
     return {
@@ -137,6 +151,7 @@ def results_on(model, x, x_noisy, positions, coar_attr):
         "arm_layer": torch.tensor([res.per_layer[k] for k in LAYERS]),
         "profile": {k: v.mean(0) for k, v in acts.items()},
         "coar": coar_attr[positions].mean(0),
+        "clusters": cluster_results({k: v.detach() for k, v in acts.items()}, classes[positions]),
     }
 
 
@@ -148,10 +163,14 @@ def compare(full, sub) -> dict[str, float]:
         "arm_layer_rho": fidelity(full["arm_layer"], sub["arm_layer"], top_k=1)["spearman"],
         "profile_rho": fidelity(full["profile"], sub["profile"])["spearman"],
         "coar_rho": coar_fid["spearman"], "coar_j": coar_fid["jaccard_top_k"],
+        "count_err": statistics.mean(abs(s.n_clusters - f.n_clusters) / f.n_clusters
+                                     for f, s in zip(full["clusters"], sub["clusters"])),
+        "nmi_diff": statistics.mean(abs(s.nmi - f.nmi) for f, s in zip(full["clusters"], sub["clusters"])),
     }
 
 
-COLUMNS = ("arm_unit_rho", "arm_unit_j", "arm_layer_rho", "profile_rho", "coar_rho", "coar_j")
+COLUMNS = ("arm_unit_rho", "arm_unit_j", "arm_layer_rho", "profile_rho", "coar_rho", "coar_j", "count_err",
+           "nmi_diff")
 
 
 def fmt(values: list[float]) -> str:
@@ -177,7 +196,9 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
     coar_attr = coar_full  # [examples, components]
     print(f"COAR: {len(components)} components, {n_masks} masks, full fit {t_coar_full:.1f}s", flush=True)
 
-    full = results_on(model, x, x_noisy, torch.arange(n), coar_attr)
+    full = results_on(model, x, x_noisy, torch.arange(n), coar_attr, splits.y_train)
+    print("DP-GMM on the full probe: " + ", ".join(f"{k} {f.n_clusters} clusters (NMI {f.nmi:.2f})"
+                                                   for k, f in zip(LAYERS, full["clusters"])), flush=True)
     rows = []
     variants = [(sel, False) for sel in SELECTORS] + [(sel, True) for sel in SELECTORS]
     for selector, balance in variants:
@@ -191,7 +212,7 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
                 pos = select_coreset(selector, size, features=features, logits=logits, labels=splits.y_train,
                                      balance=balance, seed=seed)
                 select_ms.append((time.perf_counter() - start) * 1e3)
-                for c, v in compare(full, results_on(model, x, x_noisy, pos, coar_attr)).items():
+                for c, v in compare(full, results_on(model, x, x_noisy, pos, coar_attr, splits.y_train)).items():
                     scores[c].append(v)
             name = selector + (" (balanced)" if balance else "")
             rows.append(f"| {name} | {fraction:.0%} ({size}) | " + " | ".join(fmt(scores[c]) for c in COLUMNS)
@@ -201,10 +222,10 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
     x_noisy2 = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     redraw = fidelity(full["arm_unit"], arm_result(model, x, x_noisy2).per_unit)
     rows.append(f"| full set, another noise draw | 100% ({n}) | {redraw['spearman']:.3f} | {redraw['jaccard_top_k']:.3f}"
-                " | | | | | |")
+                " | | | | | | | |")
     print(rows[-1], flush=True)
     header = ["| selector | fraction (n) | ARM unit ρ | ARM unit J@10% | ARM layer ρ | profile ρ | COAR ρ | COAR J@10% "
-              "| select ms |", "|---|---|---|---|---|---|---|---|---|"]
+              "| DP-GMM count rel. error | DP-GMM NMI abs. diff | select ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     # time saved: the methods themselves on the full set vs on a coreset (selection is a one-off cost)
     pos10 = select_coreset("random", resolve_size(n, 0.1), n_total=n)
