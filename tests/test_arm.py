@@ -317,24 +317,37 @@ def test_reads_the_trainers_validation_pass_instead_of_a_second_forward(tmp_path
 
 def test_validation_pass_and_own_pass_are_never_compared(tmp_path, dm):
     """Inputs normalised in a batch-transfer hook: the validation pass sees them, ARMDrift's own pass does not."""
+    from lightning_interp._lightning import Callback
 
     class Normalising(DigitsCNN):
         def on_after_batch_transfer(self, batch, dataloader_idx):
             x, y = batch
             return 3 * x - 1, y
 
-    def run(reuse):
+    class ShrinkAtEpoch1(Callback):  # listed first: the tap of epoch 1 is stale, so epoch 1 needs the own pass
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    pl_module.fc1.weight.mul_(0.5)
+
+    def run(reuse, extra=(), **trainer_kwargs):
         cb = ARMDrift(reuse_validation=reuse, strict=True)
         pl.seed_everything(3)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make_trainer(tmp_path, [cb], max_epochs=4, logger=False, check_val_every_n_epoch=2).fit(Normalising(), dm)
+            make_trainer(tmp_path, [*extra, cb], max_epochs=3, logger=False, **trainer_kwargs).fit(Normalising(), dm)
         return cb, [str(w.message) for w in caught if "are not compared" in str(w.message)]
 
-    mixed, warned = run(True)  # validation only every other epoch: the sources alternate
-    own, quiet = run(False)
-    assert mixed.history_ == [] and len(warned) == 1 and "become the new reference" in warned[0]
-    assert [r["epoch"] for r in own.history_] == [1, 2, 3] and quiet == []
+    # validation every other epoch: the reference comes from the own pass, so every epoch uses it
+    alternating, quiet = run(True, check_val_every_n_epoch=2)
+    own, _ = run(False, check_val_every_n_epoch=2)
+    assert quiet == [] and [r["epoch"] for r in alternating.history_] == [1, 2]
+    for a, b in zip(alternating.history_, own.history_, strict=True):
+        assert a["per_layer"] == pytest.approx(b["per_layer"], abs=1e-6)
+    # a validation-pass reference and an own-pass epoch cannot be compared: that epoch becomes the reference
+    mixed, warned = run(True, extra=[ShrinkAtEpoch1()])
+    assert [(r["epoch"], r["reference_epoch"]) for r in mixed.history_] == [(2, 1)]
+    assert len(warned) == 1 and "become the new reference" in warned[0]
 
 
 def test_weights_changed_after_validation_are_read_again(tmp_path, dm):

@@ -56,8 +56,9 @@ class ARMDrift(InterpretationCallback):
             epoch, validated only part of the set (``limit_val_batches``, ``drop_last``), has several
             validation loaders, runs on several processes, uses ``shift_data``, or when the weights changed
             after validation (another callback swapping or pruning them). Activations of the two passes are
-            never compared with each other (an epoch whose source differs from its reference's is skipped with
-            one warning).
+            never compared with each other: when the reference came from the own pass, so does the current
+            epoch; an own-pass epoch against a validation-pass reference is not compared (one warning) and, with
+            ``reference="previous"``, becomes the new reference.
         **kwargs: the base options (``every_n_epochs``, ``probe``, ``probe_size``, ``layers``, ``alert_action``,
             ``strict``, ...), see :class:`~lightning_interp.callbacks.base.InterpretationCallback`.
 
@@ -145,7 +146,7 @@ class ARMDrift(InterpretationCallback):
         epoch = trainer.current_epoch
         layers = self.select_layers(pl_module)
         activations, source = self._take_tapped(trainer, pl_module, probe), "validation pass"
-        if activations is None:
+        if activations is None or self._reference_source == "own pass":  # compare like with like when we can
             activations, source = self.forward_probe(trainer, pl_module, probe, layers).activations, "own pass"
         current = {name: sort_samples(act) for name, act in activations.items()}
         shift = self._shift_arm(trainer, pl_module, probe, layers, current) if self.shift_data is not None else None
