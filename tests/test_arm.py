@@ -350,6 +350,33 @@ def test_validation_pass_and_own_pass_are_never_compared(tmp_path, dm):
     assert len(warned) == 1 and "become the new reference" in warned[0]
 
 
+def test_a_fixed_reference_serves_epochs_without_a_usable_validation_pass(tmp_path, dm):
+    """reference="first" taken from the validation pass also keeps its own-pass twin, so epochs whose
+    validation pass cannot be used (here: weights swapped back through .data after validation) are compared."""
+    from lightning_interp._lightning import Callback
+
+    class SwapAroundValidation(Callback):  # like weight averaging: other weights while validating, via .data
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch >= 2:
+                self.saved = pl_module.fc1.weight.data.clone()
+                pl_module.fc1.weight.data.mul_(0.5)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch >= 2:
+                pl_module.fc1.weight.data.copy_(self.saved)
+
+    def run(reuse):
+        cb = ARMDrift(reference="first", reuse_validation=reuse, strict=True)
+        pl.seed_everything(3)
+        make_trainer(tmp_path, [SwapAroundValidation(), cb], max_epochs=4, logger=False).fit(DigitsCNN(), dm)
+        return cb
+
+    tapped, own = run(True), run(False)
+    assert [r["epoch"] for r in tapped.history_] == [1, 2, 3]
+    for a, b in zip(tapped.history_, own.history_, strict=True):  # the swapped validation weights never count
+        assert a["per_layer"] == pytest.approx(b["per_layer"], abs=1e-6)
+
+
 def test_weights_changed_after_validation_are_read_again(tmp_path, dm):
     from lightning_interp._lightning import Callback
 

@@ -14,7 +14,7 @@ from conftest import REPO, read_tags
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import MirroredInfluence, ProbeDataError
+from lightning_interp import InterpretationWarning, MirroredInfluence, ProbeDataError
 from lightning_interp._lightning import pl
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
 from lightning_interp.methods import mirrored as M
@@ -336,3 +336,12 @@ def test_scores_under_two_process_ddp_equal_single_process_scores(tmp_path):
     result = torch.load(out, weights_only=False)
     assert result["world_size"] == 2 and result["runs"] == 1
     torch.testing.assert_close(result["ddp"].float(), result["single"], rtol=1e-4, atol=1e-5)
+
+
+def test_queries_too_small_for_the_translations_are_compared_as_they_are():
+    cb = MirroredInfluence(leak_shift_radius=1)
+    with pytest.warns(InterpretationWarning, match=r"too small for leak_shift_radius=1; they are compared untranslated"):
+        views = cb._query_views(torch.zeros(3, 1, 1, 64))  # a 1-D signal stored as [N, C, 1, T]
+    assert views.shape == (1, 3, 1, 1, 64)
+    assert cb._query_views(torch.zeros(3, 1, 8, 8)).shape == (9, 3, 1, 8, 8)
+    assert cb._query_views(torch.zeros(3, 64)).shape == (1, 3, 64)  # not images

@@ -22,6 +22,9 @@ from .base import InterpretationCallback, _source_name
 
 Reference = Union[Literal["previous", "first"], int]
 
+#: Where an epoch's activations come from (only activations of the same source are compared).
+VALIDATION_PASS, OWN_PASS = "validation pass", "own pass"
+
 
 class ARMDrift(InterpretationCallback):
     """Representation drift per epoch with the Aggregate Representation Measure (ARM).
@@ -55,10 +58,11 @@ class ARMDrift(InterpretationCallback):
             under the trainer's precision). Falls back to its own pass when the trainer did not validate that
             epoch, validated only part of the set (``limit_val_batches``, ``drop_last``), has several
             validation loaders, runs on several processes, uses ``shift_data``, or when the weights changed
-            after validation (another callback swapping or pruning them). Activations of the two passes are
-            never compared with each other: when the reference came from the own pass, so does the current
-            epoch; an own-pass epoch against a validation-pass reference is not compared (one warning) and, with
-            ``reference="previous"``, becomes the new reference.
+            after validation (another callback swapping or pruning them, also through ``.data``). Activations of
+            the two passes are never compared with each other: references are kept per source (a fixed reference
+            taken from the validation pass is also read once with the own pass), an epoch is compared on a
+            source its reference has, and an epoch that cannot be (one warning) becomes the new reference with
+            ``reference="previous"``.
         **kwargs: the base options (``every_n_epochs``, ``probe``, ``probe_size``, ``layers``, ``alert_action``,
             ``strict``, ...), see :class:`~lightning_interp.callbacks.base.InterpretationCallback`.
 
@@ -129,14 +133,13 @@ class ARMDrift(InterpretationCallback):
         self.history_: list[dict[str, Any]] = []
         self.settled_layers_: list[str] = []
         self.reference_epoch_: int | None = None
-        self._reference: dict[str, Tensor] | None = None  # sorted [n, units] per layer
+        self._references: dict[str, dict[str, Tensor]] = {}  # source -> sorted [n, units] per layer
         self._reference_indices: Tensor | None = None  # the probe's dataset indices when it was recorded
         self._streaks: dict[str, int] = {}
         self._peaks: dict[str, float] = {}
         self._checked_shapes = False
-        self._tap: tuple[ActivationRecorder, tuple] | None = None
-        self._tapped: tuple[tuple, dict[str, Tensor]] | None = None  # (weights fingerprint, activations)
-        self._reference_source: str | None = None
+        self._tap: tuple[ActivationRecorder, _WeightsFingerprint] | None = None
+        self._tapped: tuple[_WeightsFingerprint, dict[str, Tensor]] | None = None  # (weights, activations)
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
@@ -145,43 +148,57 @@ class ARMDrift(InterpretationCallback):
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         epoch = trainer.current_epoch
         layers = self.select_layers(pl_module)
-        activations, source = self._take_tapped(trainer, pl_module, probe), "validation pass"
-        if activations is None or self._reference_source == "own pass":  # compare like with like when we can
-            activations, source = self.forward_probe(trainer, pl_module, probe, layers).activations, "own pass"
-        current = {name: sort_samples(act) for name, act in activations.items()}
-        shift = self._shift_arm(trainer, pl_module, probe, layers, current) if self.shift_data is not None else None
+        # Sorted activations of this epoch by source. The trainer's validation pass sees the module's
+        # batch-transfer hooks and precision, ARMDrift's own pass may not: only same-source views are compared.
+        views: dict[str, dict[str, Tensor]] = {}
+        tapped = self._take_tapped(trainer, pl_module, probe)
+        if tapped is not None:
+            views[VALIDATION_PASS] = {name: sort_samples(act) for name, act in tapped.items()}
 
-        if self._reference is not None and self._reference_source not in (None, source):
-            # The trainer's validation pass sees the module's batch-transfer hooks and precision; ARMDrift's own
-            # pass may not: never compare activations of the two pipelines.
-            self.warn_once(
-                "reference:source",
-                f"ARMDrift: epoch {epoch} was read from the {source} but the reference (epoch "
-                f"{self.reference_epoch_}) from the {self._reference_source}, which can see different inputs "
-                "(batch-transfer hooks, precision); such epochs are not compared"
-                + (" and become the new reference" if self.reference == "previous" else "")
-                + ". reuse_validation=False always uses ARMDrift's own pass",
-            )
-            if self.reference == "previous":
-                self._set_reference(current, epoch, probe.indices, source)
-            return
+        def own_pass() -> dict[str, Tensor]:
+            if OWN_PASS not in views:
+                acts = self.forward_probe(trainer, pl_module, probe, layers).activations
+                views[OWN_PASS] = {name: sort_samples(act) for name, act in acts.items()}
+            return views[OWN_PASS]
+
+        if not views or self.shift_data is not None:
+            own_pass()
+        shift = self._shift_arm(trainer, pl_module, probe, layers, own_pass()) if self.shift_data is not None else None
 
         resampled = self._reference_indices is not None and not torch.equal(self._reference_indices, probe.indices)
-        if self._reference is not None and resampled:
+        if self._references and resampled:
             if self.reference == "previous":  # a re-selected coreset: drift resumes from the next analysis
-                self._set_reference(current, epoch, probe.indices, source)
+                self._set_reference(views, epoch, probe.indices)
                 return
             self.warn_once(
                 "reference:resampled",
                 f"ARMDrift: the probe coreset was re-selected after the reference epoch {self.reference_epoch_}; "
                 "ARM now compares two different samples of the data (their distributions, not the same points)",
             )
-        if self._reference is None:
-            self._take_reference_if_due(epoch, current, probe.indices, source)
+        if not self._references:
+            if tapped is not None and self.reference != "previous" and self._reference_due(epoch):
+                own_pass()  # a fixed reference is kept for both sources: later epochs may lack a validation pass
+            self._take_reference_if_due(epoch, views, probe.indices)
             if shift is not None:
                 self._log_shift(trainer, shift, record=None)
             return
-        result = arm_from_activations(self._reference, current, warn_skipped=False, assume_sorted=True)
+        source = next((s for s in (VALIDATION_PASS, OWN_PASS) if s in views and s in self._references), None)
+        if source is None and OWN_PASS in self._references:
+            own_pass()
+            source = OWN_PASS
+        if source is None:  # an own-pass epoch against a validation-pass-only reference
+            self.warn_once(
+                "reference:source",
+                f"ARMDrift: epoch {epoch} could only be read from its own pass but the reference (epoch "
+                f"{self.reference_epoch_}) from the trainer's validation pass, which can see different inputs "
+                "(batch-transfer hooks, precision); such epochs are not compared"
+                + (" and become the new reference" if self.reference == "previous" else "")
+                + ". reuse_validation=False always uses ARMDrift's own pass",
+            )
+            if self.reference == "previous":
+                self._set_reference(views, epoch, probe.indices)
+            return
+        result = arm_from_activations(self._references[source], views[source], warn_skipped=False, assume_sorted=True)
         self._warn_skipped(result, "the probe")
         record: dict[str, Any] = {
             "epoch": epoch,
@@ -196,7 +213,7 @@ class ARMDrift(InterpretationCallback):
         self._update_settled(trainer, record)
         self._log(record)
         if self.reference == "previous":
-            self._set_reference(current, epoch, probe.indices, source)
+            self._set_reference(views, epoch, probe.indices)
         if self.plot_every_n_epochs and len(self.history_) % self.plot_every_n_epochs == 0:
             self._log_heatmap()
 
@@ -267,11 +284,13 @@ class ARMDrift(InterpretationCallback):
         )
         return activations if covers_probe and weights == _weights_fingerprint(pl_module) else None
 
-    def _set_reference(self, current: dict[str, Tensor], epoch: int, indices: Tensor, source: str) -> None:
-        self._reference, self.reference_epoch_, self._reference_indices = current, epoch, indices
-        self._reference_source = source
+    def _set_reference(self, views: dict[str, dict[str, Tensor]], epoch: int, indices: Tensor) -> None:
+        self._references, self.reference_epoch_, self._reference_indices = dict(views), epoch, indices
 
-    def _take_reference_if_due(self, epoch: int, current: dict[str, Tensor], indices: Tensor, source: str) -> None:
+    def _reference_due(self, epoch: int) -> bool:
+        return not isinstance(self.reference, int) or epoch == self.reference
+
+    def _take_reference_if_due(self, epoch: int, views: dict[str, dict[str, Tensor]], indices: Tensor) -> None:
         target = self.reference
         if isinstance(target, int) and epoch < target:
             return  # drift is reported from the first analysis after the reference epoch
@@ -282,7 +301,7 @@ class ARMDrift(InterpretationCallback):
                 "never recorded (resumed from a checkpoint without ARMDrift state?); no drift can be reported",
             )
             return
-        self._set_reference(current, epoch, indices, source)
+        self._set_reference(views, epoch, indices)
 
     def _shift_arm(self, trainer, pl_module, probe, layers, current) -> ARMResult:
         dataset = self.shift_data.dataset if isinstance(self.shift_data, DataLoader) else self.shift_data
@@ -400,10 +419,11 @@ class ARMDrift(InterpretationCallback):
             "peaks": dict(self._peaks),
             "reference_epoch": self.reference_epoch_,
             "reference_indices": self._reference_indices,
-            "reference_source": self._reference_source,
         }
-        if self.keep_reference_in_checkpoint and self._reference is not None:
-            state["reference_activations"] = {n: t.contiguous().clone() for n, t in self._reference.items()}
+        if self.keep_reference_in_checkpoint and self._references:
+            state["reference_activations"] = {
+                source: {n: t.contiguous().clone() for n, t in acts.items()} for source, acts in self._references.items()
+            }
         return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -413,16 +433,31 @@ class ARMDrift(InterpretationCallback):
         self._peaks = dict(state.get("peaks", {}))
         self.reference_epoch_ = state.get("reference_epoch")
         self._reference_indices = state.get("reference_indices")
-        self._reference_source = state.get("reference_source")
-        reference = state.get("reference_activations")
-        self._reference = dict(reference) if reference is not None else None
-        if self._reference is None:
+        reference = state.get("reference_activations") or {}
+        if reference and all(isinstance(t, Tensor) for t in reference.values()):
+            reference = {OWN_PASS: reference}  # saved before references were kept per source: the own pass
+        self._references = {source: dict(acts) for source, acts in reference.items()}
+        if not self._references:
             self.reference_epoch_ = None
 
 
-def _weights_fingerprint(module) -> tuple:
-    """Identity and in-place version of every parameter and buffer: changes whenever a weight does."""
-    return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+class _WeightsFingerprint:
+    """Identity, in-place version and value sum of every parameter and buffer: changes whenever a weight does,
+    also through ``.data`` writes, which leave the version alone (how weight-averaging callbacks swap weights)."""
+
+    def __init__(self, module) -> None:
+        tensors = [*module.parameters(), *module.buffers()]
+        self.identity = tuple((id(t), t._version) for t in tensors)
+        with torch.no_grad():
+            self.sums = torch.stack([t.detach().float().sum() for t in tensors]) if tensors else torch.zeros(0)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _WeightsFingerprint) and self.identity == other.identity
+                and torch.equal(self.sums, other.sums))
+
+
+def _weights_fingerprint(module) -> _WeightsFingerprint:
+    return _WeightsFingerprint(module)
 
 
 def _as_list(loaders) -> list:

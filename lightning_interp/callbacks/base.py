@@ -199,9 +199,12 @@ class InterpretationCallback(Callback):
                 stacklevel=2,
             )
 
+        if self.runs_on_epoch_schedule:
+            self._warn_if_schedule_unreachable(trainer, stage)
+
+    def _warn_if_schedule_unreachable(self, trainer, stage: str) -> None:
         max_epochs = trainer.max_epochs
-        if (stage == "fit" and self.runs_on_epoch_schedule and self.every_n_epochs > 0 and max_epochs is not None
-                and 0 <= max_epochs < self.every_n_epochs):
+        if stage == "fit" and self.every_n_epochs > 0 and max_epochs is not None and 0 <= max_epochs < self.every_n_epochs:
             self.warn_once(
                 "schedule:unreachable",
                 f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}) never comes due within "

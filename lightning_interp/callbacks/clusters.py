@@ -203,13 +203,18 @@ class LayerClusters(InterpretationCallback):
         inputs = torch.cat([x for x, _, _ in head.batches("cpu")])[: self.label_map_images]
         return maps, (inputs if looks_like_images(inputs) else None)
 
-    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> torch.Tensor:
+    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> dict[str, torch.Tensor]:
         """Per-unit mean and standard deviation of each analysed layer's pooled activations: the distribution
         the mixtures are fitted to (the cluster counts themselves are a handful of integers, too few for a
         rank correlation to mean anything)."""
         outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
-        stats = [torch.cat([a.flatten(1).mean(0), a.flatten(1).std(0)]) for a in outs.activations.values()]
-        return torch.cat([s for s in stats if s.isfinite().all()])  # NaN layers are skipped by the analysis too
+        stats = {}
+        for name, act in outs.activations.items():
+            rows = act.flatten(1)
+            rows = rows[rows.isfinite().all(1)]  # the fits skip non-finite rows too
+            if len(rows) >= 2:
+                stats[name] = torch.cat([rows.mean(0), rows.std(0)])
+        return stats  # compared layer by layer (see coreset.fidelity)
 
     # -- logging -------------------------------------------------------------------------------------------
     def _log_layer(self, name, fit: ClusterFit, position_fit, label_maps, inputs) -> None:

@@ -135,6 +135,8 @@ class ComponentAttribution(InterpretationCallback):
                 f"ComponentAttribution(at_checkpoints=True) found {found}; it runs at the end of every "
                 f"{self.every_n_epochs}-th epoch instead",
             )
+        if self._use_epoch_schedule:
+            self._warn_if_schedule_unreachable(trainer, stage)
 
     def _check_layers(self, pl_module) -> None:
         find_components(pl_module, self.layers, self.layer_types)  # fails fast, naming the module types found

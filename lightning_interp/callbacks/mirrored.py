@@ -195,7 +195,15 @@ class MirroredInfluence(InterpretationCallback):
         scores = self._mirrored_scores(trainer, pl_module, probe, outs.outputs, labels)
         self._accumulate(probe.dataset_size, outs.indices, scores)
         if want_features:
-            self._find_leaks(trainer, pl_module, outs)
+            try:
+                self._find_leaks(trainer, pl_module, outs)
+            except ProbeDataError:
+                raise
+            except Exception as err:  # the mislabel scores stand on their own: report them regardless
+                if self.strict:
+                    raise
+                self.warn_once(f"leaks:{type(err).__name__}", f"MirroredInfluence: the leak search failed ({err}); "
+                               "the mislabel scores are reported without it")
         if self.second_look_top_k:
             self._second_look(trainer, pl_module, probe)
         self._report(trainer, pl_module, probe, outs, time.perf_counter() - start)
@@ -247,7 +255,7 @@ class MirroredInfluence(InterpretationCallback):
                 check_class_labels(y, "the leak queries")
             except ValueError as err:
                 raise ProbeDataError(f"MirroredInfluence (leak queries) needs class labels: {err}") from err
-            views = translation_orbit(x, self.leak_shift_radius) if self.leak_shift_radius and x.dim() == 4 else x[None]
+            views = self._query_views(x)
             outs = run_probe(pl_module, ProbeData(TensorDataset(views.flatten(0, 1)), batch_size=self.batch_size),
                              features=True)
             g = len(views)
@@ -260,6 +268,17 @@ class MirroredInfluence(InterpretationCallback):
         found = (rows[:, 0] > self.leak_threshold).nonzero().squeeze(1)
         found = found[rows[found, 0].argsort(descending=True)]
         self.leaks_ = [(int(query_index[i]), int(rows[i, 1]), float(rows[i, 0])) for i in found]
+
+    def _query_views(self, x: Tensor) -> Tensor:
+        """``[G, B, ...]``: the queries under every translation up to ``leak_shift_radius`` when they are images
+        large enough for it, else as they are (``G = 1``; one warning when translations were asked for)."""
+        if not self.leak_shift_radius or x.dim() != 4:
+            return x[None]
+        if min(x.shape[-2:]) <= self.leak_shift_radius:
+            self.warn_once("leaks:too_small", f"MirroredInfluence: leak queries of spatial size {tuple(x.shape[-2:])} "
+                           f"are too small for leak_shift_radius={self.leak_shift_radius}; they are compared untranslated")
+            return x[None]
+        return translation_orbit(x, self.leak_shift_radius)
 
     def _second_look(self, trainer, pl_module, probe: ProbeData) -> None:
         k = self.second_look_top_k
