@@ -18,7 +18,7 @@ from ..capture import ActivationRecorder
 from ..methods.arm import ARMResult, arm_from_activations, sort_samples
 from ..probe import ProbeData
 from ..report import markdown_table
-from .base import InterpretationCallback, _source_name
+from .base import InterpretationCallback, _source_name, loader_list
 
 Reference = Union[Literal["previous", "first"], int]
 
@@ -238,14 +238,14 @@ class ARMDrift(InterpretationCallback):
             and not trainer.sanity_checking
             and trainer.world_size == 1
             and self._is_due(trainer.current_epoch)
-            and len(_as_list(trainer.val_dataloaders)) == 1
+            and len(loader_list(trainer.val_dataloaders)) == 1
         ):
             try:
                 layers = self.select_layers(pl_module)
             except Exception:
                 return  # compute() reports it
             recorder = ActivationRecorder(pl_module, layers, pool=True, to_cpu=True)
-            self._tap = (recorder.__enter__(), _weights_fingerprint(pl_module))
+            self._tap = (recorder.__enter__(), _WeightsFingerprint(pl_module))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._tap is None:
@@ -254,7 +254,7 @@ class ARMDrift(InterpretationCallback):
         self._stop_tap()
         activations = {name: act.float() for name, act in recorder.stacked().items()}
         complete = len(activations) == len(recorder.layers)
-        unchanged = weights == _weights_fingerprint(pl_module)
+        unchanged = weights == _WeightsFingerprint(pl_module)
         self._tapped = (weights, activations) if complete and unchanged else None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -276,13 +276,13 @@ class ARMDrift(InterpretationCallback):
         if tapped is None or self.probe != "val" or self.probe_size is not None:
             return None
         weights, activations = tapped
-        loader = _as_list(trainer.val_dataloaders)[0]
+        loader = loader_list(trainer.val_dataloaders)[0]
         covers_probe = (
             getattr(loader, "dataset", None) is probe.dataset
             and len(probe) == probe.dataset_size
             and all(len(act) == len(probe) for act in activations.values())
         )
-        return activations if covers_probe and weights == _weights_fingerprint(pl_module) else None
+        return activations if covers_probe and weights == _WeightsFingerprint(pl_module) else None
 
     def _set_reference(self, views: dict[str, dict[str, Tensor]], epoch: int, indices: Tensor) -> None:
         self._references, self.reference_epoch_, self._reference_indices = dict(views), epoch, indices
@@ -405,10 +405,9 @@ class ARMDrift(InterpretationCallback):
                 raise
             self.warn_once(f"plot:{type(err).__name__}", f"ARMDrift could not draw its heat map: {err}")
 
-    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> Tensor:
+    def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> dict[str, Tensor]:
         """Per-unit mean and standard deviation of the activations: what the coreset must preserve for W1."""
-        outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
-        return torch.cat([torch.cat([a.mean(0), a.std(0)]) for a in outs.activations.values()])
+        return self.activation_profile(trainer, pl_module, probe)
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
@@ -454,18 +453,6 @@ class _WeightsFingerprint:
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, _WeightsFingerprint) and self.identity == other.identity
                 and torch.equal(self.sums, other.sums))
-
-
-def _weights_fingerprint(module) -> _WeightsFingerprint:
-    return _WeightsFingerprint(module)
-
-
-def _as_list(loaders) -> list:
-    if loaders is None:
-        return []
-    if isinstance(loaders, dict):
-        return list(loaders.values())
-    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 def _input_shape(probe: ProbeData) -> tuple[int, ...]:

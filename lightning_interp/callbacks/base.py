@@ -37,6 +37,15 @@ def probe_cache(module: nn.Module) -> ProbeCache:
     return cache
 
 
+def loader_list(loaders) -> list:
+    """A trainer's dataloaders (one, a list or a dict of them, or ``None``) as a list."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
 def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset."""
     if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)):
@@ -46,11 +55,8 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     loaders = trainer.train_dataloader if source == "train" else trainer.val_dataloaders
     if loaders is None and trainer.datamodule is not None:
         loaders = trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        loaders = next(iter(loaders.values()), None)
-    dataset = getattr(loaders, "dataset", None)
+    first = next(iter(loader_list(loaders)), None)
+    dataset = getattr(first, "dataset", None)
     if dataset is None:
         raise ProbeDataError(
             f"probe={source!r} but the trainer has no {source} dataloader with a dataset; "
@@ -159,11 +165,25 @@ class InterpretationCallback(Callback):
         raise NotImplementedError
 
     def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> torch.Tensor | None:
-        """The callback's result on ``probe`` as a score vector, to compare a coreset with the full probe.
+        """The callback's result on ``probe`` as a score vector (or ``{layer: vector}``, compared layer by layer),
+        to compare a coreset with the full probe.
 
         ``None`` (the default) means the callback has no such vector; no fidelity is then reported.
         """
         return None
+
+    def activation_profile(self, trainer, pl_module, probe: ProbeData) -> dict[str, torch.Tensor]:
+        """``{layer: [per-unit mean, per-unit std]}`` of the analysed layers' pooled activations over ``probe``,
+        from its finite rows (layers with fewer than two are left out): the distribution a coreset must keep
+        for results computed from activation distributions. Compared layer by layer by ``coreset.fidelity``."""
+        outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
+        profile = {}
+        for name, act in outs.activations.items():
+            rows = act.flatten(1)
+            rows = rows[rows.isfinite().all(1)]
+            if len(rows) >= 2:
+                profile[name] = torch.cat([rows.mean(0), rows.std(0)])
+        return profile
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

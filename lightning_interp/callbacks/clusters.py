@@ -204,17 +204,9 @@ class LayerClusters(InterpretationCallback):
         return maps, (inputs if looks_like_images(inputs) else None)
 
     def fidelity_scores(self, trainer, pl_module, probe: ProbeData) -> dict[str, torch.Tensor]:
-        """Per-unit mean and standard deviation of each analysed layer's pooled activations: the distribution
-        the mixtures are fitted to (the cluster counts themselves are a handful of integers, too few for a
-        rank correlation to mean anything)."""
-        outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
-        stats = {}
-        for name, act in outs.activations.items():
-            rows = act.flatten(1)
-            rows = rows[rows.isfinite().all(1)]  # the fits skip non-finite rows too
-            if len(rows) >= 2:
-                stats[name] = torch.cat([rows.mean(0), rows.std(0)])
-        return stats  # compared layer by layer (see coreset.fidelity)
+        """The distribution the mixtures are fitted to (per-unit mean and std of each layer's pooled activations);
+        the cluster counts themselves are a handful of integers, too few for a rank correlation to mean anything."""
+        return self.activation_profile(trainer, pl_module, probe)
 
     # -- logging -------------------------------------------------------------------------------------------
     def _log_layer(self, name, fit: ClusterFit, position_fit, label_maps, inputs) -> None:

@@ -336,11 +336,10 @@ def fit_dpgmm_many(
                                      converged=True, n_iter=0, weight_cutoff=weight_cutoff, constant=True)
             else:
                 prepared.append((i, ready))
-        fit_one = _fit_sklearn if not use_torch else None
-        if fit_one is not None:
+        if not use_torch:
             for i, ready in prepared:
-                results[i] = _finish_fit(ready, fit_one(ready, concentration, covariance_type, max_iter, n_init,
-                                                        init_params, seed), weight_cutoff)
+                results[i] = _finish_fit(ready, _fit_sklearn(ready, concentration, covariance_type, max_iter, n_init,
+                                                             init_params, seed), weight_cutoff)
         else:
             groups: dict[tuple, list[tuple[int, _Prepared]]] = {}
             for i, ready in prepared:  # one batch per (rows, components); narrower fits are zero-padded
