@@ -358,6 +358,29 @@ def test_callback_at_checkpoints_logs_saves_alerts_and_leaves_training_alone(tmp
     assert metrics == {"components/correlation", "components/dominance"}
 
 
+def test_attribution_files_go_with_the_checkpoints_modelcheckpoint_deletes(tmp_path):
+    from conftest import make_trainer
+
+    from lightning_interp._lightning import ModelCheckpoint
+    from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+    callback = _small_callback(every_n_epochs=1)
+    keep_one = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=1, monitor="step", mode="max")
+    trainer = make_trainer(tmp_path, [callback, keep_one], max_epochs=3, enable_checkpointing=True,
+                           limit_train_batches=2, limit_val_batches=1)
+    user_file = tmp_path / "ckpt" / "notes.components.pt"  # not ours: never touched
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("mine")
+    trainer.fit(DigitsCNN(), DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=128))
+
+    assert len(callback.history_) == 3 and len(callback.history_[0]["files"]) == 1
+    ckpts = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["epoch=2-step=6.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.components.pt")) == [
+        "epoch=2-step=6.components.pt", "notes.components.pt"]
+    assert user_file.read_text() == "mine"
+
+
 def test_callback_without_checkpoints_runs_every_n_epochs_and_restores_state(tmp_path):
     from lightning_interp.alerts import InterpretationWarning
 

@@ -46,8 +46,8 @@ class LayerClusters(InterpretationCallback):
       ``index`` columns (and input thumbnails when the inputs are images); see ``embeddings``.
 
     Args:
-        every_n_epochs: run at the end of every n-th training epoch (one analysis cost 0.4-0.6 s on the demo;
-            every 10 epochs keeps it under 5% of the demo's training time).
+        every_n_epochs: run at the end of every n-th training epoch (one analysis takes about 0.16 s on the
+            demo; every 10 epochs adds 9-11% to the demo's 3-second run, 3.8% with a 4x wider CNN).
         probe: ``"val"``, ``"train"`` or a ``Dataset``.
         probe_size: samples analysed (a coreset of the probe, see ``probe_selector``); ``None`` = all.
         truncation: DP truncation (paper: 50 components); capped at a quarter of the rows.

@@ -44,7 +44,8 @@ class ComponentAttribution(InterpretationCallback):
             training (a render costs ~10 ms).
         max_batch_size: most rows (masks x examples) in one forward pass; more is chunked.
         save_attributions: write the attributions next to the checkpoint (``<checkpoint>.components.pt``),
-            or under ``<log_dir>/component_attributions/`` for runs without a checkpoint.
+            or under ``<log_dir>/component_attributions/`` for runs without a checkpoint. When a
+            ``ModelCheckpoint`` later deletes a checkpoint (``save_top_k``), its attribution file goes too.
         progress_bar: show a tqdm bar over the ablation passes (only when the trainer shows its own).
         probe, probe_size, probe_selector, probe_balance, layers, ...: see
             :class:`~lightning_interp.callbacks.base.InterpretationCallback`; ``layers`` globs choose the
@@ -120,6 +121,7 @@ class ComponentAttribution(InterpretationCallback):
         self._use_epoch_schedule = not at_checkpoints
         self._last_run: tuple[int, int] | None = None  # (epoch, global step)
         self._pending: dict[str, Any] | None = None  # a result computed during a checkpoint save, file unwritten
+        self._written_next_to: dict[Path, Path] = {}  # attribution file -> the checkpoint it belongs to
         self._plotted_run: int | None = None  # len(history_) when the heat map was last drawn
 
     # -- schedule ------------------------------------------------------------------------------------------
@@ -326,7 +328,9 @@ class ComponentAttribution(InterpretationCallback):
         return root / f"epoch={trainer.current_epoch}-step={trainer.global_step}.components.pt"
 
     def _flush_pending(self, trainer, final: bool = False) -> None:
-        """Write the result of the last checkpoint-time run next to the checkpoint file(s) saved with it."""
+        """Write the result of the last checkpoint-time run next to the checkpoint file(s) saved with it, and
+        remove the files whose checkpoint a ``ModelCheckpoint`` has deleted since."""
+        self._remove_orphaned_files()
         if self._pending is None:
             return
         saved = _checkpoints_saved_since(trainer, self._pending["since"], self._pending["step"])
@@ -335,6 +339,14 @@ class ComponentAttribution(InterpretationCallback):
         self._pending = None
         if self.save_attributions:
             self._save([attribution_path(p) for p in saved] or [self._epoch_file(trainer)], trainer)
+            if trainer.is_global_zero:
+                self._written_next_to.update({attribution_path(p): p for p in saved})
+
+    def _remove_orphaned_files(self) -> None:
+        for attributions, checkpoint in list(self._written_next_to.items()):
+            if not checkpoint.exists():
+                attributions.unlink(missing_ok=True)
+                del self._written_next_to[attributions]
 
     def _extra_state(self) -> dict[str, Any]:
         return {"history": list(self.history_), "last_run": self._last_run}

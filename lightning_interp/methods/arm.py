@@ -196,13 +196,15 @@ def wasserstein_1d(a: Tensor, b: Tensor, assume_sorted: bool = False) -> Tensor:
         raise ValueError(f"a is on {a.device} and b on {b.device}; put both on one device")
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
+    # One temporary, made absolute in place: a second fresh [units, n] buffer cost 4-6 ms (page faults) when
+    # glibc served it from new pages, more than the distance itself.
     if a.shape[0] == b.shape[0]:
-        distance = lambda a_rows, b_rows: (a_rows - b_rows).abs().mean(dim=1)  # noqa: E731
+        distance = lambda a_rows, b_rows: (a_rows - b_rows).abs_().sum(dim=1).div_(a_rows.shape[1])  # noqa: E731
     else:
         idx_a, idx_b, widths = _quantile_merge(a.shape[0], b.shape[0], a.device)
         widths = widths.to(dtype)
         def distance(a_rows: Tensor, b_rows: Tensor) -> Tensor:  # index_select: 3x faster than a_rows[:, idx]
-            return (a_rows.index_select(1, idx_a) - b_rows.index_select(1, idx_b)).abs() @ widths
+            return (a_rows.index_select(1, idx_a) - b_rows.index_select(1, idx_b)).abs_() @ widths
     if assume_sorted:  # contiguous [units, n] rows when they come from sort_samples
         with _one_torch_thread() if a.device.type == "cpu" else contextlib.nullcontext():
             dist = distance(a.t(), b.t())
