@@ -296,6 +296,9 @@ def test_constructor_validates_arguments():
         MirroredInfluence(max_flagged_fraction=0.0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         MirroredInfluence(lr=0.0)
+    with pytest.raises(ValueError, match="against itself finds every sample"):
+        MirroredInfluence(leak_queries="train")
+    MirroredInfluence(trusted="train")  # the training set may stand in for clean data
 
 
 DDP_SCRIPT = """\

@@ -46,7 +46,7 @@ class LayerClusters(InterpretationCallback):
       ``index`` columns (and input thumbnails when the inputs are images); see ``embeddings``.
 
     Args:
-        every_n_epochs: run at the end of every n-th training epoch (one analysis takes about 0.16 s on the
+        every_n_epochs: run at the end of every n-th training epoch (one analysis takes about 0.15 s on the
             demo; every 10 epochs adds 9-11% to the demo's 3-second run, 3.8% with a 4x wider CNN).
         probe: ``"val"``, ``"train"`` or a ``Dataset``.
         probe_size: samples analysed (a coreset of the probe, see ``probe_selector``); ``None`` = all.
@@ -59,7 +59,9 @@ class LayerClusters(InterpretationCallback):
         max_iter: variational EM iterations (50: in benchmarks/clusters.py the counts barely moved from 100,
             at about half the time).
         n_init: initialisations per fit (best evidence lower bound kept).
-        init_params: scikit-learn initialisation, ``"kmeans"`` by default.
+        init_params: how the responsibilities start, named as in scikit-learn: ``"kmeans"`` (default; the
+            batched torch k-means of :mod:`~lightning_interp.methods.vbgmm`), ``"k-means++"`` (its seeding
+            alone), ``"random"`` or ``"random_from_data"`` (scikit-learn backend).
         label_map_images: label maps shown per conv layer (0 disables the label maps).
         label_map_fit_images: images whose positions are pooled into one per-position fit.
         max_label_map_positions: positions the per-position fit sees at most (all are then assigned).

@@ -33,7 +33,9 @@ class ComponentAttribution(InterpretationCallback):
         layer_types: component kinds: ``"conv"`` (output channels), ``"linear"`` (neurons), ``"attention"`` (heads).
         at_checkpoints: run when a checkpoint is saved (a ``ModelCheckpoint`` save or ``trainer.save_checkpoint``),
             at most once every ``every_n_epochs`` epochs (if none was due by the end of training, the final model
-            is analysed then); ``False`` runs at the end of every n-th epoch instead.
+            is analysed then); ``False`` runs at the end of every n-th epoch instead. Without a
+            ``ModelCheckpoint`` that saves full checkpoints (none, or only ``save_weights_only=True`` ones, for
+            which Lightning calls no callback hook): one warning, then the epoch schedule.
         every_n_epochs: spacing of the runs (see ``at_checkpoints``).
         min_correlation: alert when the held-out correlation falls below it (the linear model no longer
             explains the network).
@@ -58,7 +60,8 @@ class ComponentAttribution(InterpretationCallback):
         correlation_: mean held-out Pearson correlation; ``correlations_`` per example.
         class_attributions_: ``[classes, components]`` class means of the attributions; ``classes_``.
         probe_indices_: dataset index of each row; ``labels_``: their labels.
-        history_: one record per run (epoch, step, correlation, file).
+        history_: one record per run: ``epoch``, ``step``, ``correlation``, ``n_components``, ``files`` (the
+            attribution files written).
     """
 
     tag = "components"

@@ -46,17 +46,21 @@ class MirroredInfluence(InterpretationCallback):
     is ``ℓ(z_i; θ'_T) − ℓ(z_i; θ)`` (Ko et al. 2024, Eq. 4, group form). ``scores_`` is the running mean of
     those scores over the scheduled epochs (per dataset index): a label that conflicts with clean data
     keeps getting worse whenever the model moves towards the clean data, while a single snapshot of a
-    memorising model is noisy (digits, 20% noise: AUROC 0.92-0.97 one-shot, 0.99+ averaged).
+    memorising model is noisy (benchmarks/mirrored.py, digits with 20% of labels flipped: AUROC 0.981 and
+    precision@k 0.932 from the last run alone, 0.995 and 0.972 averaged over three runs).
 
     Args:
-        trusted: the clean data whose influence is measured: ``"val"`` (the validation set) or a Dataset.
+        trusted: the clean data whose influence is measured: ``"val"`` (the validation set), ``"train"`` (the
+            training set itself, when no clean set exists: the majority label then plays the clean data) or a
+            Dataset.
         steps, lr, optimizer: the update on the trusted set (``"adam"`` or ``"sgd"``); defaults measured
             on digits (docs/mirrored.md). Cost per run: ``steps`` forward+backward passes over T and two
             forward passes over the training probe (one shared with the other callbacks).
         threshold: a sample is flagged when its accumulated score (mean loss increase, in nats) exceeds it.
         max_flagged_fraction: alert when more than this fraction of the scored samples is flagged.
         leak_queries: ``"val"``, a Dataset, or ``None`` (off): for every query, the training sample it
-            influences most under the relative mirrored influence of a head step (1 = exact copy).
+            influences most under the relative mirrored influence of a head step (1 = exact copy). Not
+            ``"train"``: every training sample is its own copy.
         leak_threshold: queries whose top influence exceeds it are reported in ``leaks_``.
         leak_temperature: temperature of the loss whose head gradients are compared (10: jittered copies
             found, docs/mirrored.md).
@@ -110,9 +114,11 @@ class MirroredInfluence(InterpretationCallback):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.rule = UpdateRule(steps, lr, optimizer)  # validates steps and lr
         if isinstance(trusted, str) and trusted not in ("val", "train"):
-            raise ValueError(f"trusted must be 'val' or a Dataset, got {trusted!r}")
-        if isinstance(leak_queries, str) and leak_queries not in ("val", "train"):
-            raise ValueError(f"leak_queries must be 'val', a Dataset or None, got {leak_queries!r}")
+            raise ValueError(f"trusted must be 'val', 'train' or a Dataset, got {trusted!r}")
+        if isinstance(leak_queries, str) and leak_queries != "val":
+            raise ValueError(f"leak_queries must be 'val', a Dataset or None, got {leak_queries!r}"
+                             + (" (the training set searched against itself finds every sample)"
+                                if leak_queries == "train" else ""))
         if not 0.0 < max_flagged_fraction <= 1.0:
             raise ValueError(f"max_flagged_fraction must be in (0, 1], got {max_flagged_fraction}")
         if second_look_top_k < 0 or log_top_k < 0:
