@@ -65,11 +65,37 @@ def select_layers(
     return chosen
 
 
+#: Modules whose units are the *last* axis of their output (a Linear on ``[N, T, D]`` has D units, not T).
+CHANNELS_LAST_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+)
+
+
 def pool_spatial(activation: torch.Tensor) -> torch.Tensor:
     """One value per sample and unit: feature maps ``[N, C, *spatial]`` are averaged over space (ARM's rule)."""
     if activation.dim() <= 2:
         return activation
     return activation.flatten(2).mean(dim=2)
+
+
+def samples_first(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (an output or input of ``module``) with the sample axis first: sequence-first attention
+    layers (``batch_first=False``) produce ``[T, N, E]``."""
+    if getattr(module, "batch_first", True) is False and tensor.dim() == 3:
+        return tensor.transpose(0, 1)
+    return tensor
+
+
+def pool_units(module: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    """``[N, units]`` for ``module``'s sample-first activation: conv maps ``[N, C, *spatial]`` averaged over
+    space (ARM's rule, C units); for layers acting on the last axis (:data:`CHANNELS_LAST_TYPES`, e.g. a Linear
+    on tokens ``[N, T, D]``) the positions are averaged instead (D units)."""
+    if activation.dim() <= 2:
+        return activation
+    if isinstance(module, CHANNELS_LAST_TYPES):
+        return activation.flatten(1, -2).mean(dim=1)
+    return pool_spatial(activation)
 
 
 class ActivationRecorder:
@@ -96,12 +122,12 @@ class ActivationRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
-        def record(_module: nn.Module, _inputs, output) -> None:
+        def record(module: nn.Module, _inputs, output) -> None:
             if isinstance(output, (tuple, list)):  # e.g. MultiheadAttention returns (output, weights)
                 output = output[0]
-            out = output.detach()
+            out = samples_first(module, output.detach())
             if self.pool:
-                out = pool_spatial(out)
+                out = pool_units(module, out)
             self.store[name].append(out.cpu() if self.to_cpu else out)
 
         return record
@@ -142,8 +168,8 @@ class HeadInputRecorder(ActivationRecorder):
     def __enter__(self) -> HeadInputRecorder:
         (name, module), = self.layers.items()
 
-        def record(_module: nn.Module, inputs) -> None:
-            out = pool_spatial(inputs[0].detach()).flatten(1)
+        def record(module: nn.Module, inputs) -> None:
+            out = pool_units(module, samples_first(module, inputs[0].detach())).flatten(1)
             self.store[name].append(out.cpu() if self.to_cpu else out)
 
         self._handles.append(module.register_forward_pre_hook(record))

@@ -58,3 +58,36 @@ def test_unpooled_maps_and_head_inputs():
     feats = head.stacked()["fc2"]
     torch.testing.assert_close(model.fc2(feats), out)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+class _TokenModel(nn.Module):
+    """Tokens ``[N, T, D]`` through a Linear, a sequence-first attention layer and a Conv1d, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.attn = nn.MultiheadAttention(6, 2)  # batch_first=False: [T, N, E]
+        self.conv = nn.Conv1d(6, 3, 1)  # channels first: [N, C, T]
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.proj(x)
+        s = h.transpose(0, 1)
+        h = self.attn(s, s, s)[0].transpose(0, 1)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h).mean(1)
+
+
+def test_units_are_the_layers_own_features_for_linear_attention_and_conv_on_tokens():
+    torch.manual_seed(0)
+    model, x = _TokenModel(), torch.randn(8, 5, 4)
+    with ActivationRecorder(model, {n: model.get_submodule(n) for n in ("proj", "attn", "conv")}) as rec:
+        model(x)
+    acts = rec.stacked()
+    proj = model.proj(x)
+    assert torch.allclose(acts["proj"], proj.mean(1))  # [N, 6]: positions averaged, not features
+    assert acts["attn"].shape == (8, 6)  # samples first although the layer is sequence-first
+    assert acts["conv"].shape == (8, 3)
+    with HeadInputRecorder(model, "head") as rec:
+        model(x)
+    assert rec.stacked()["head"].shape == (8, 3)

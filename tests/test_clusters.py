@@ -498,3 +498,18 @@ def test_projector_files_go_through_tensorboards_file_systems():
                               torch.rand(5, 1, 8, 8))
     files = fsspec.filesystem("memory").find("/lightning-interp-test/run")
     assert {f.rsplit("/", 1)[-1] for f in files} >= {"tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt"}
+
+
+def test_wide_layer_pca_is_seeded_and_leaves_the_global_rng_alone():
+    from lightning_interp.methods.dpgmm import pca_reduce
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g) @ torch.randn(8, 600, generator=g) + 0.1 * torch.randn(300, 600, generator=g)
+    state = torch.get_rng_state()
+    first, kept = pca_reduce(x, 8, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # a different global stream must not change the result
+    again, _ = pca_reduce(x, 8, seed=3)
+    torch.testing.assert_close(again, first)
+    exact = torch.linalg.svdvals(x - x.mean(0))[:8].pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert abs(kept - float(exact)) < 0.01 * float(exact)

@@ -299,3 +299,24 @@ def test_greedy_selectors_restore_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_entropy_with_a_masked_class_is_finite():
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 2.0, float("-inf")]])
+    entropy = uncertainty_scores(logits, "entropy")
+    assert torch.allclose(entropy, uncertainty_scores(logits[:, :2], "entropy"))
+
+
+def test_top_k_jaccard_breaks_ties_by_position():
+    g = torch.Generator().manual_seed(2)  # a pattern where torch.topk picked different tied positions
+    a = torch.randint(0, 3, (200,), generator=g).float()
+    b = a.clone()
+    below_top = a < 2
+    b[below_top] = torch.rand(int(below_top.sum()), generator=g)  # b differs from a only below the tied top
+    assert fidelity(a, b, top_k=10)["jaccard_top_k"] == 1.0
+
+
+def test_adaptive_balanced_starts_with_one_sample_per_class():
+    x, labels = clustered(n=100, d=40, k=10)
+    res = adaptive_coreset(mean_profile(x), len(x), "random", labels=labels, balance=True, target=0.5)
+    assert res.trace[0][0] == 10 and len(torch.unique(labels[res.positions])) == 10

@@ -164,6 +164,35 @@ def test_batched_reference_step_equals_a_per_query_adam_step_on_a_model_copy(noi
         assert result.train_index[q] == best.indices[0]
 
 
+def test_reference_score_with_top_k_one_still_compares_with_the_runner_up(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    kwargs = dict(rule="reference", candidates=None, fit_threshold=0.0)
+    one = M.leak_scores(model, x_val[:3], y_val[:3], x, y, top_k=1, **kwargs)
+    three = M.leak_scores(model, x_val[:3], y_val[:3], x, y, top_k=3, **kwargs)
+    assert one.top_k.shape == (3, 1) and bool((one.score > 0).all())
+    torch.testing.assert_close(one.score, three.score)
+
+
+def test_int32_labels_are_accepted_like_int64(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    as_long = M.mislabel_scores(model, x_val, y_val, M.tensor_batches(x, y)).scores
+    as_int = M.mislabel_scores(model, x_val, y_val.int(), M.tensor_batches(x, y.int())).scores
+    torch.testing.assert_close(as_int, as_long)
+    M.leak_scores(model, x_val[:2], y_val[:2].int(), x, y.int(), rule="reference", candidates=8)
+
+
+def test_frozen_parameters_stay_where_training_keeps_them(noisy_blobs):
+    x, y, _, x_val, y_val, model = noisy_blobs
+    frozen = copy.deepcopy(model)
+    frozen.body.requires_grad_(False)  # a fine-tuned head on a frozen body
+    params, updated, _ = M.trained_copy(frozen, x_val, y_val, M.MISLABEL_RULE)
+    for name in params:
+        moved = not torch.equal(params[name], updated[name])
+        assert moved == name.startswith("head."), name
+    head_only = M.self_influence(frozen, x[:5], y[:5])  # TracIn over the trained parameters only
+    assert bool((head_only < M.self_influence(model, x[:5], y[:5])).all())
+
+
 def test_fit_queries_are_moved_onto_a_growing_l2_sphere_not_skipped(noisy_blobs):
     x, y, _, _, _, model = noisy_blobs
     with evaluation_mode(model), torch.no_grad():

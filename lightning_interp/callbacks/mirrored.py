@@ -197,7 +197,7 @@ class MirroredInfluence(InterpretationCallback):
             self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
         want_features = self.leak_queries is not None
         outs = _sorted_by_index(self.forward_probe(trainer, pl_module, probe, features=want_features))
-        labels = outs.require_class_labels("MirroredInfluence")
+        labels = outs.require_class_labels("MirroredInfluence").long()
         scores = self._mirrored_scores(trainer, pl_module, probe, outs.outputs, labels)
         self._accumulate(probe.dataset_size, outs.indices, scores)
         if want_features:

@@ -218,7 +218,7 @@ def uncertainty_scores(logits: Tensor, measure: str = "entropy") -> Tensor:
     log_p = torch.log_softmax(_as_float(logits), dim=1)
     p = log_p.exp()
     if measure == "entropy":
-        return -(p * log_p).sum(1)
+        return torch.special.entr(p).sum(1)  # -p log p, 0 where p = 0 (a masked class, logit -inf)
     if measure == "least_confidence":
         return 1.0 - p.max(1).values
     if p.shape[1] < 2:
@@ -391,8 +391,8 @@ def top_k_jaccard(a: Tensor, b: Tensor, k: int) -> float:
     """``|A ∩ B| / |A ∪ B|`` for A, B the positions of the ``k`` largest scores (ties broken by position)."""
     in_a = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
     in_b = torch.zeros_like(in_a)
-    in_a[torch.topk(a, k).indices] = True
-    in_b[torch.topk(b.to(a.device), k).indices] = True
+    in_a[torch.argsort(a, descending=True, stable=True)[:k]] = True  # topk's order among ties is unspecified
+    in_b[torch.argsort(b.to(a.device), descending=True, stable=True)[:k]] = True
     return float((in_a & in_b).sum()) / float((in_a | in_b).sum())
 
 
@@ -507,6 +507,8 @@ def adaptive_coreset(
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target={target} must lie in (0, 1] (a Spearman correlation)")
     size = resolve_size(n_total, float(start_fraction))
+    if balance and labels is not None:  # a balanced coreset holds at least one sample of every class
+        size = min(n_total, max(size, len(torch.unique(labels))))
     reference_size = resolve_size(n_total, float(reference_fraction))
     if reference_size == n_total:
         reference_positions = torch.arange(n_total)

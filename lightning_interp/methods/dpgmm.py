@@ -115,20 +115,21 @@ def rescale(x: torch.Tensor, scale: str = "global") -> torch.Tensor:
     return centred / std.pow(2).mean().sqrt()
 
 
-def pca_reduce(x: torch.Tensor, max_dims: int) -> tuple[torch.Tensor, float]:
+def pca_reduce(x: torch.Tensor, max_dims: int, seed: int = 0) -> tuple[torch.Tensor, float]:
     """Scores of centred ``x [N, D]`` on its leading ``max_dims`` principal axes, and the variance share kept.
 
     The axes are the top eigenvectors of the ``D x D`` covariance (``torch.linalg.eigh`` in float64; for
-    ``D > 512`` a randomised ``torch.svd_lowrank``), cheaper than an SVD of the data. Axes without variance
-    (beyond the data's rank) are dropped. Returns ``x`` centred and unchanged in width when ``D <= max_dims``.
+    ``D > 512`` a randomised SVD seeded by ``seed``, global RNGs untouched), cheaper than an SVD of the data.
+    Axes without variance (beyond the data's rank) are dropped. Returns ``x`` centred and unchanged in width
+    when ``D <= max_dims``.
     """
     centred = x - x.mean(dim=0, keepdim=True)
     if centred.shape[1] <= max_dims:
         return centred, 1.0
     total = centred.double().pow(2).sum()
     if centred.shape[1] > 512:
-        _, singular, v = torch.svd_lowrank(centred, q=min(max_dims + 8, *centred.shape), niter=3)
-        variances, axes = singular.double().pow(2), v
+        singular, axes = _randomised_top_axes(centred, q=min(max_dims + 8, *centred.shape), seed=seed)
+        variances = singular.double().pow(2)
     else:
         covariance = centred.T.double() @ centred.double()
         variances, axes = torch.linalg.eigh(covariance)
@@ -137,6 +138,19 @@ def pca_reduce(x: torch.Tensor, max_dims: int) -> tuple[torch.Tensor, float]:
     k = max(1, min(max_dims, rank))
     kept = float(variances[:k].sum() / total.clamp_min(1e-300))
     return centred @ axes[:, :k], min(kept, 1.0)
+
+
+def _randomised_top_axes(a: torch.Tensor, q: int, seed: int, power_iterations: int = 3):
+    """Top ``q`` singular values and right singular vectors ``[D, q]`` of ``a`` (Halko, Martinsson, Tropp 2011,
+    randomised range finder with power iterations), drawn from a private generator: ``torch.svd_lowrank``
+    would consume the global RNG, and with it the training run's random stream."""
+    generator = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(a.shape[1], q, generator=generator, device=a.device, dtype=a.dtype)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    _, singular, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return singular, vh.T
 
 
 def cluster_agreement(clusters: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
@@ -408,7 +422,7 @@ def _prepare(x, classes, truncation, scale, max_dims, max_fit_rows, seed) -> _Pr
             RuntimeWarning,
             stacklevel=4,
         )
-    reduced, ready.kept = pca_reduce(scaled, max_dims)
+    reduced, ready.kept = pca_reduce(scaled, max_dims, seed=seed)
     ready.features = reduced.detach().cpu().float()
     ready.fit_rows = _fit_rows(ready.features, max_fit_rows, ready.n_components, seed)
     return ready

@@ -84,6 +84,14 @@ def parameter_copy(model: nn.Module) -> tuple[Params, Params]:
     return params, buffers
 
 
+def split_trainable(model: nn.Module, params: Params) -> tuple[Params, Params]:
+    """``params`` split into (trainable, frozen) by the model's ``requires_grad`` flags: updates and gradients
+    act on the parameters training moves, so a frozen backbone stays where fine-tuning keeps it."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return ({n: p for n, p in params.items() if n in trainable},
+            {n: p for n, p in params.items() if n not in trainable})
+
+
 def logits_of(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Tensor:
     """Class logits ``[N, C]`` of the functional model; a clear error for anything else."""
     out = functional_call(model, (params, buffers), (x,))
@@ -98,7 +106,7 @@ def logits_of(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> T
 
 def per_sample_loss(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy of every sample, ``ℓ(z; θ)`` with θ = ``params``."""
-    return F.cross_entropy(logits_of(model, params, buffers, x), y, reduction="none")
+    return F.cross_entropy(logits_of(model, params, buffers, x), y.long(), reduction="none")
 
 
 def check_class_labels(y: Tensor | None, what: str) -> None:
@@ -128,7 +136,8 @@ def _initial_state(params: Params, optimizer: Optimizer) -> dict[str, tuple[Tens
 
 
 def _step(params: Params, grads: Params, state: dict, step: int, rule: UpdateRule, sign: float):
-    """One SGD or Adam update (``sign`` −1 descends, +1 ascends); returns (params, state)."""
+    """One SGD or Adam update (``sign`` −1 descends, +1 ascends) of every parameter in ``params``; returns
+    (params, state)."""
     if rule.optimizer == "sgd":
         return {n: p + sign * rule.lr * grads[n] for n, p in params.items()}, state
     beta1, beta2 = _ADAM_BETAS
@@ -143,12 +152,14 @@ def _step(params: Params, grads: Params, state: dict, step: int, rule: UpdateRul
     return new_params, new_state
 
 
-def _mean_loss_gradient(model, params: Params, buffers: Params, x: Tensor, y: Tensor, chunk: int) -> Params:
-    """∇_θ of the mean cross-entropy over (x, y), accumulated over chunks to bound memory."""
+def _mean_loss_gradient(model, params: Params, frozen: Params, buffers: Params, x: Tensor, y: Tensor,
+                        chunk: int) -> Params:
+    """∇ of the mean cross-entropy over (x, y) with respect to ``params`` (``frozen`` held fixed), accumulated
+    over chunks to bound memory."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for xb, yb in tensor_batches(x, y, chunk):
-        loss = per_sample_loss(model, leaves, buffers, xb, yb).sum() / len(x)
+        loss = per_sample_loss(model, {**frozen, **leaves}, buffers, xb, yb).sum() / len(x)
         for name, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
             if g is not None:
                 total[name] += g
@@ -157,14 +168,16 @@ def _mean_loss_gradient(model, params: Params, buffers: Params, x: Tensor, y: Te
 
 def trained_copy(model: nn.Module, x: Tensor, y: Tensor, rule: UpdateRule, *, ascent: bool = False,
                  chunk: int = 1024) -> tuple[Params, Params, Params]:
-    """Full-batch ``rule`` updates on (x, y) applied to a copy: returns (θ, θ', buffers)."""
+    """Full-batch ``rule`` updates on (x, y) applied to a copy: returns (θ, θ', buffers). Parameters with
+    ``requires_grad=False`` are not updated (θ' keeps them)."""
     params, buffers = parameter_copy(model)
-    updated, state = params, _initial_state(params, rule.optimizer)
+    updated, frozen = split_trainable(model, params)
+    state = _initial_state(updated, rule.optimizer)
     with evaluation_mode(model, grad=None):
         for step in range(1, rule.steps + 1):
-            grads = _mean_loss_gradient(model, updated, buffers, x, y, chunk)
+            grads = _mean_loss_gradient(model, updated, frozen, buffers, x, y, chunk)
             updated, state = _step(updated, grads, state, step, rule, 1.0 if ascent else -1.0)
-    return params, {n: p.detach() for n, p in updated.items()}, buffers
+    return params, {**frozen, **{n: p.detach() for n, p in updated.items()}}, buffers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +199,7 @@ def _score_batches(model, params, updated, buffers, batches: Batches, device) ->
         x, y = x.to(device), y.to(device)
         check_class_labels(y, "the training data")
         logits = logits_of(model, params, buffers, x)
-        before = F.cross_entropy(logits, y, reduction="none")
+        before = F.cross_entropy(logits, y.long(), reduction="none")
         after = per_sample_loss(model, updated, buffers, x, y)
         parts.append((after - before, before, logits.argmax(1), y))
     if not parts:
@@ -361,13 +374,15 @@ def sphere_perturb_fit_queries(model: nn.Module, params: Params, buffers: Params
 
 
 def _per_query_updates(model, params: Params, buffers: Params, xq: Tensor, yq: Tensor, rule: UpdateRule) -> Params:
-    """θ'_q for every query at once: ``rule`` ascent steps on each query alone (vmap over queries)."""
+    """θ'_q for every query at once: ``rule`` ascent steps on each query alone (vmap over queries). Frozen
+    parameters (``requires_grad=False``) are shared by all queries and not updated."""
+    trainable, frozen = split_trainable(model, params)
 
     def query_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(model, (p, buffers), (x[None],)), y[None])
+        return F.cross_entropy(functional_call(model, ({**frozen, **p}, buffers), (x[None],)), y[None].long())
 
     per_query_grad = vmap(grad(query_loss), in_dims=(0, 0, 0))
-    updated = {n: p.expand(len(xq), *p.shape) for n, p in params.items()}
+    updated = {n: p.expand(len(xq), *p.shape) for n, p in trainable.items()}
     state = _initial_state(updated, rule.optimizer)
     for step in range(1, rule.steps + 1):
         updated, state = _step(updated, per_query_grad(updated, xq, yq), state, step, rule, 1.0)
@@ -419,9 +434,10 @@ def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Ten
     if candidates is not None and candidates < len(train_x):
         pool = relative_head_influence(q_logits, q_features, query_y, t_logits, t_features, train_y,
                                        top_k=max(candidates, top_k), temperature=temperature)[1]
-    return _reference_leak_scores(model, query_x, query_y, train_x, train_y, UpdateRule(steps, lr, optimizer),
-                                  pool, min(top_k, len(train_x)), fit_threshold, sphere_radius, sphere_growth,
-                                  query_chunk, seed)
+    result = _reference_leak_scores(model, query_x, query_y, train_x, train_y, UpdateRule(steps, lr, optimizer),
+                                    pool, min(max(top_k, 2), len(train_x)), fit_threshold, sphere_radius,
+                                    sphere_growth, query_chunk, seed)  # the score needs the runner-up
+    return result._replace(top_k=result.top_k[:, :top_k], influence=result.influence[:, :top_k])
 
 
 def _reference_leak_scores(model, query_x, query_y, train_x, train_y, rule, pool, top_k, fit_threshold,
@@ -432,6 +448,7 @@ def _reference_leak_scores(model, query_x, query_y, train_x, train_y, rule, pool
     pool = pool.to(device) if pool is not None else None
     generator = torch.Generator().manual_seed(seed)  # never the global RNG
     params, buffers = parameter_copy(model)
+    frozen = split_trainable(model, params)[1]
     with evaluation_mode(model, grad=None):
         query_x, radius = sphere_perturb_fit_queries(
             model, params, buffers, query_x, query_y, fit_threshold=fit_threshold, radius=sphere_radius,
@@ -443,7 +460,7 @@ def _reference_leak_scores(model, query_x, query_y, train_x, train_y, rule, pool
         for start in range(0, len(query_x), query_chunk):
             rows = slice(start, start + query_chunk)
             updated = _per_query_updates(model, params, buffers, query_x[rows], query_y[rows], rule)
-            delta = _loss_change(model, updated, buffers, train_x, train_y, loss_before,
+            delta = _loss_change(model, updated, frozen, buffers, train_x, train_y, loss_before,
                                  None if pool is None else pool[rows])
             best = delta.topk(top_k, dim=1)
             values.append(best.values)
@@ -454,11 +471,12 @@ def _reference_leak_scores(model, query_x, query_y, train_x, train_y, rule, pool
 
 
 @torch.no_grad()
-def _loss_change(model, updated: Params, buffers: Params, train_x, train_y, loss_before, pool) -> Tensor:
+def _loss_change(model, updated: Params, frozen: Params, buffers: Params, train_x, train_y, loss_before,
+                 pool) -> Tensor:
     """``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` for every query's model: all training points, or its pooled ones."""
 
     def losses(p: Params, x: Tensor, y: Tensor) -> Tensor:
-        return per_sample_loss(model, p, buffers, x, y)
+        return per_sample_loss(model, {**frozen, **p}, buffers, x, y)
 
     if pool is None:
         after = torch.cat([vmap(losses, in_dims=(0, None, None))(updated, xb, yb)
@@ -482,9 +500,10 @@ def self_influence(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 64) -
     check_class_labels(y, "the samples")
     device = model_device(model)
     params, buffers = parameter_copy(model)
+    params, frozen = split_trainable(model, params)
 
     def sample_loss(p: Params, xs: Tensor, ys: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(model, (p, buffers), (xs[None],)), ys[None])
+        return F.cross_entropy(functional_call(model, ({**frozen, **p}, buffers), (xs[None],)), ys[None].long())
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     norms = []
