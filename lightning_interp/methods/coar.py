@@ -667,7 +667,7 @@ def welch_t(target: Tensor, reference: Tensor) -> Tensor:
     """
     if len(target) == 0 or len(reference) < 2:
         raise ValueError(f"welch_t needs >= 1 target and >= 2 reference examples, got {len(target)} and {len(reference)}")
-    var_t = target.var(0) if len(target) > 1 else torch.zeros(target.shape[1])
+    var_t = target.var(0) if len(target) > 1 else torch.zeros_like(target[0])
     se = (var_t / len(target) + reference.var(0) / len(reference)).sqrt().clamp_min(1e-12)
     return (target.mean(0) - reference.mean(0)) / se
 
@@ -716,7 +716,7 @@ def edit(
         raise ValueError(f"max_components must be >= 1, got {max_components}")
     if set(target.tolist()) & set(reference.tolist()):
         raise ValueError("target and reference sets overlap")
-    scores = welch_t(attributions[target], attributions[reference])
+    scores = welch_t(attributions[target], attributions[reference]).cpu()  # the masks are built on the CPU
     order = scores.argsort()[: min(max_components, len(components))]
     rank = torch.full((len(components),), len(components), dtype=torch.long)
     rank[order] = torch.arange(len(order))

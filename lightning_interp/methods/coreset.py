@@ -269,11 +269,11 @@ def _select_balanced(selector, size, features, logits, labels, seed, uncertainty
         members = torch.nonzero(inverse == c).squeeze(1)
         local = _select_unbalanced(
             selector, quota,
-            None if features is None else features[members],
-            None if logits is None else logits[members],
+            None if features is None else features[members.to(features.device)],
+            None if logits is None else logits[members.to(logits.device)],
             len(members), seed + c, uncertainty, labels.device,
         )
-        picks.append(members[local])
+        picks.append(members[local.to(members.device)])
         # interleave the classes so that any prefix of the selection stays roughly balanced
         keys.append((torch.arange(quota, device=members.device, dtype=torch.float64) + 0.5) / quota)
     picks, keys = torch.cat(picks), torch.cat(keys)
