@@ -265,15 +265,32 @@ def run_probe(
     )
 
 
+class WeightsFingerprint:
+    """Identity, in-place version and value sum of every parameter and buffer: changes whenever a weight does,
+    also through ``.data`` writes, which leave the version alone (how weight-averaging callbacks swap weights)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        tensors = [*module.parameters(), *module.buffers()]
+        self.identity = tuple((id(t), t._version) for t in tensors)
+        with torch.no_grad():
+            self.sums = torch.stack([t.detach().float().sum() for t in tensors]) if tensors else torch.zeros(0)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, WeightsFingerprint) and self.identity == other.identity
+                and torch.equal(self.sums, other.sums))
+
+
 class ProbeCache:
     """Share one forward pass between callbacks that read the same probe at the same training step.
 
-    Entries live until the step changes. A request for layers the cached pass did not record triggers one
-    new pass over the union of layers, which then serves everyone.
+    Entries live until the step changes or any weight or buffer does (a callback that prunes or swaps weights
+    between two readers, a second ``fit`` that restarts the step count). A request for layers the cached pass
+    did not record triggers one new pass over the union of layers, which then serves everyone.
     """
 
     def __init__(self) -> None:
         self._step: object = None
+        self._weights: WeightsFingerprint | None = None
         self._entries: dict[tuple, ProbeOutputs] = {}
         self.forward_passes = 0  # for tests and profiling
 
@@ -285,8 +302,9 @@ class ProbeCache:
         step: object,
         features: bool = False,
     ) -> ProbeOutputs:
-        if step != self._step:
-            self._step, self._entries = step, {}
+        weights = WeightsFingerprint(model)
+        if step != self._step or weights != self._weights:
+            self._step, self._weights, self._entries = step, weights, {}
         key = (id(model), probe.key)
         cached = self._entries.get(key)
         if cached is not None and set(layers) <= set(cached.activations) and (cached.features is not None or not features):

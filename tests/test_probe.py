@@ -94,6 +94,21 @@ def test_cache_shares_one_pass_per_step_and_grows_to_the_union_of_layers():
     assert cache.forward_passes == 3
 
 
+def test_cache_is_not_served_after_a_weight_changed_at_the_same_step():
+    model = DigitsCNN()
+    probe = ProbeData(TensorDataset(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))))
+    cache = ProbeCache()
+    before = cache.get(model, probe, {"conv1": model.conv1}, step=0)
+    with torch.no_grad():
+        model.conv1.weight.zero_()  # e.g. a pruning callback between two readers
+    pruned = cache.get(model, probe, {"conv1": model.conv1}, step=0)
+    model.conv1.bias.data = torch.zeros_like(model.conv1.bias)  # a .data swap keeps the tensor's version
+    swapped = cache.get(model, probe, {"conv1": model.conv1}, step=0)
+    assert cache.forward_passes == 3
+    assert not torch.equal(before.activations["conv1"], pruned.activations["conv1"])
+    assert torch.equal(swapped.activations["conv1"], torch.zeros_like(swapped.activations["conv1"]))
+
+
 def test_batches_restore_the_rng_a_random_dataset_consumed():
     class Random(Dataset):
         def __len__(self):

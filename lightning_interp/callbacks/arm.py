@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..capture import ActivationRecorder
 from ..methods.arm import ARMResult, arm_from_activations, sort_samples
-from ..probe import ProbeData
+from ..probe import ProbeData, WeightsFingerprint
 from ..report import markdown_table
 from .base import InterpretationCallback, _source_name, loader_list
 
@@ -138,8 +138,8 @@ class ARMDrift(InterpretationCallback):
         self._streaks: dict[str, int] = {}
         self._peaks: dict[str, float] = {}
         self._checked_shapes = False
-        self._tap: tuple[ActivationRecorder, _WeightsFingerprint] | None = None
-        self._tapped: tuple[_WeightsFingerprint, dict[str, Tensor]] | None = None  # (weights, activations)
+        self._tap: tuple[ActivationRecorder, WeightsFingerprint] | None = None
+        self._tapped: tuple[WeightsFingerprint, dict[str, Tensor]] | None = None  # (weights, activations)
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
@@ -245,7 +245,7 @@ class ARMDrift(InterpretationCallback):
             except Exception:
                 return  # compute() reports it
             recorder = ActivationRecorder(pl_module, layers, pool=True, to_cpu=True)
-            self._tap = (recorder.__enter__(), _WeightsFingerprint(pl_module))
+            self._tap = (recorder.__enter__(), WeightsFingerprint(pl_module))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._tap is None:
@@ -254,7 +254,7 @@ class ARMDrift(InterpretationCallback):
         self._stop_tap()
         activations = {name: act.float() for name, act in recorder.stacked().items()}
         complete = len(activations) == len(recorder.layers)
-        unchanged = weights == _WeightsFingerprint(pl_module)
+        unchanged = weights == WeightsFingerprint(pl_module)
         self._tapped = (weights, activations) if complete and unchanged else None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -282,7 +282,7 @@ class ARMDrift(InterpretationCallback):
             and len(probe) == probe.dataset_size
             and all(len(act) == len(probe) for act in activations.values())
         )
-        return activations if covers_probe and weights == _WeightsFingerprint(pl_module) else None
+        return activations if covers_probe and weights == WeightsFingerprint(pl_module) else None
 
     def _set_reference(self, views: dict[str, dict[str, Tensor]], epoch: int, indices: Tensor) -> None:
         self._references, self.reference_epoch_, self._reference_indices = dict(views), epoch, indices
@@ -438,21 +438,6 @@ class ARMDrift(InterpretationCallback):
         self._references = {source: dict(acts) for source, acts in reference.items()}
         if not self._references:
             self.reference_epoch_ = None
-
-
-class _WeightsFingerprint:
-    """Identity, in-place version and value sum of every parameter and buffer: changes whenever a weight does,
-    also through ``.data`` writes, which leave the version alone (how weight-averaging callbacks swap weights)."""
-
-    def __init__(self, module) -> None:
-        tensors = [*module.parameters(), *module.buffers()]
-        self.identity = tuple((id(t), t._version) for t in tensors)
-        with torch.no_grad():
-            self.sums = torch.stack([t.detach().float().sum() for t in tensors]) if tensors else torch.zeros(0)
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, _WeightsFingerprint) and self.identity == other.identity
-                and torch.equal(self.sums, other.sums))
 
 
 def _input_shape(probe: ProbeData) -> tuple[int, ...]:
