@@ -106,6 +106,17 @@ def inputs_in_model_dtype(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def output_tensor(model: nn.Module, output: object) -> torch.Tensor:
+    """The forward pass's output as the one tensor the callbacks read, or a clear error naming what came back."""
+    if isinstance(output, torch.Tensor):
+        return output
+    raise ProbeDataError(
+        f"{type(model).__name__}.forward returned a {type(output).__name__}; lightning_interp reads the forward "
+        "output as one tensor (class scores [batch, classes] for the classification callbacks). Return the "
+        "logits from forward() and compute the other outputs elsewhere (e.g. in training_step)"
+    )
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -252,7 +263,7 @@ def run_probe(
         for rec in recorders:
             stack.enter_context(rec)
         for x, y, idx in probe.batches(device):
-            outputs.append(model(x).detach().cpu())
+            outputs.append(output_tensor(model, model(x)).detach().cpu())
             labels.append(y.cpu() if y is not None else None)
             indices.append(idx)
     has_labels = all(label is not None for label in labels)

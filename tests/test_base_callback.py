@@ -146,6 +146,7 @@ def test_bad_configuration_fails_fast_with_what_exists(tmp_path, datamodule):
         ({"probe_size": 0}, "count must be >= 1"),
         ({"probe_selector": "best"}, "probe_selector must be one of"),
         ({"every_n_epochs": -1}, "every_n_epochs"),
+        ({"every_n_epochs": 0}, "would never run MeanActivation"),
     ]:
         with pytest.raises(ValueError, match=match):
             MeanActivation(**kwargs)

@@ -3,6 +3,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_interp.capture import select_layers
@@ -107,6 +108,20 @@ def test_cache_is_not_served_after_a_weight_changed_at_the_same_step():
     assert cache.forward_passes == 3
     assert not torch.equal(before.activations["conv1"], pruned.activations["conv1"])
     assert torch.equal(swapped.activations["conv1"], torch.zeros_like(swapped.activations["conv1"]))
+
+
+def test_a_forward_that_returns_a_tuple_is_named():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), x.mean()
+
+    probe = ProbeData(TensorDataset(torch.rand(6, 4), torch.randint(0, 3, (6,))))
+    with pytest.raises(ProbeDataError, match="TwoHeads.forward returned a tuple; .* Return the logits"):
+        run_probe(TwoHeads(), probe)
 
 
 def test_batches_restore_the_rng_a_random_dataset_consumed():

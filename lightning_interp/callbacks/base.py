@@ -116,6 +116,9 @@ class InterpretationCallback(Callback):
     ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be an int >= 0, got {every_n_epochs!r}")
+        if every_n_epochs == 0 and self.runs_on_epoch_schedule:
+            raise ValueError(f"every_n_epochs=0 would never run {type(self).__name__} (it runs on the epoch "
+                             "schedule only); use every_n_epochs >= 1, or leave the callback out")
         if isinstance(probe, str) and probe not in ("train", "val"):
             raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {probe!r}")
         if probe_size is not None:

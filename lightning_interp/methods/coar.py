@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..capture import find_head
-from ..probe import evaluation_mode
+from ..probe import evaluation_mode, output_tensor
 
 __all__ = [
     "AblationError",
@@ -386,7 +386,7 @@ def _forward_masked(model: nn.Module, components: Components, x: Tensor, y: Tens
     """Margins ``[G, B]`` of ``B`` examples under ``G`` keep masks, in one forward pass."""
     g = keep.shape[0]
     with ablate(model, components, keep):
-        logits = model(x.repeat(g, *[1] * (x.dim() - 1)))
+        logits = output_tensor(model, model(x.repeat(g, *[1] * (x.dim() - 1))))
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         found = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise AblationError(f"margins need the model to return logits of shape [batch, classes], got {found}")
@@ -543,7 +543,7 @@ def grad_times_param_attributions(
             xb, yb = x[start : start + max_batch_size].to(device), y[start : start + max_batch_size].to(device)
             scale = torch.ones(len(xb), len(components), device=device, requires_grad=True)
             with ablate(model, components, scale):
-                marg = margins(model(xb), yb)
+                marg = margins(output_tensor(model, model(xb)), yb)
             (grad,) = torch.autograd.grad(marg.sum(), scale)
             grads.append(grad.detach().float().cpu())
             full.append(marg.detach().float().cpu())
