@@ -266,13 +266,26 @@ def run_probe(
             outputs.append(output_tensor(model, model(x)).detach().cpu())
             labels.append(y.cpu() if y is not None else None)
             indices.append(idx)
+    activations = recorders[0].stacked()
+    silent = [name for name in layers or {} if name not in activations]
+    if silent:
+        raise ProbeDataError(
+            f"layer(s) {silent} never ran in {type(model).__name__}.forward (their hooks saw no output); "
+            f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}"
+        )
+    head_inputs = recorders[1].stacked() if head is not None else {}
+    if head is not None and head not in head_inputs:
+        raise ProbeDataError(
+            f"the output head was taken to be {head!r} (the last Conv/Linear registered in "
+            f"{type(model).__name__}), but forward() never called it; register the real output layer last"
+        )
     has_labels = all(label is not None for label in labels)
     return ProbeOutputs(
         outputs=torch.cat(outputs).float(),
         labels=torch.cat(labels) if has_labels else None,
         indices=torch.cat(indices),
-        activations={name: act.float() for name, act in recorders[0].stacked().items()},
-        features=recorders[1].stacked()[head].float() if head is not None else None,
+        activations={name: act.float() for name, act in activations.items()},
+        features=head_inputs[head].float() if head is not None else None,
     )
 
 

@@ -94,7 +94,9 @@ class Reporter:
     # -- destinations -------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return self.trainer.is_global_zero
+        """Rank zero writes; nothing is written under ``fast_dev_run`` (Lightning's smoke test, which turns
+        its own loggers and checkpoints off too): the analyses still run once, so errors still surface."""
+        return self.trainer.is_global_zero and not self.trainer.fast_dev_run
 
     @property
     def tensorboard_writers(self) -> list:

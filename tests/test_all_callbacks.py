@@ -80,3 +80,17 @@ def test_true_half_precision_models_are_analysed(tmp_path):
     make_trainer(tmp_path, callbacks, max_epochs=2, precision="bf16-true").fit(DigitsCNN(), DigitsDataModule(batch_size=128))
     assert len(callbacks[0].history_) == 1 and callbacks[1].scores_.isfinite().all()
     assert callbacks[2].correlation_ is not None and callbacks[3].results_
+
+
+def test_fast_dev_run_runs_the_analyses_once_and_writes_no_files(tmp_path):
+    import warnings
+
+    from lightning_interp import InterpretationWarning
+
+    callbacks = every_epoch_callbacks()
+    trainer = make_trainer(tmp_path, callbacks, fast_dev_run=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*TensorBoardLogger", category=InterpretationWarning)
+        trainer.fit(DigitsCNN(), DigitsDataModule(noise_fraction=0.0, n_leaked=0))
+    assert callbacks[1].scores_ is not None and callbacks[2].correlation_ is not None and callbacks[3].results_
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -124,6 +124,23 @@ def test_a_forward_that_returns_a_tuple_is_named():
         run_probe(TwoHeads(), probe)
 
 
+def test_layers_and_heads_that_never_run_are_named():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.aux = nn.Linear(4, 2)  # registered last, never called
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model, probe = Unused(), ProbeData(TensorDataset(torch.rand(6, 4), torch.randint(0, 3, (6,))))
+    with pytest.raises(ProbeDataError, match=r"layer\(s\) \['aux'\] never ran in Unused.forward.*Layers that ran: \['fc'\]"):
+        run_probe(model, probe, {"fc": model.fc, "aux": model.aux})
+    with pytest.raises(ProbeDataError, match="head was taken to be 'aux'.*never called it"):
+        run_probe(model, probe, features=True)
+
+
 def test_batches_restore_the_rng_a_random_dataset_consumed():
     class Random(Dataset):
         def __len__(self):

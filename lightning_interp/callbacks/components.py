@@ -318,7 +318,7 @@ class ComponentAttribution(InterpretationCallback):
         }
 
     def _save(self, paths: list[Path], trainer) -> None:
-        if not paths or not trainer.is_global_zero:
+        if not paths or not trainer.is_global_zero or trainer.fast_dev_run:
             return
         record = self._record()
         for path in paths:
