@@ -349,8 +349,12 @@ def test_sharp_change_alert_and_state_round_trip(trained):
     fresh = LayerClusters()
     fresh.load_state_dict(state)
     assert fresh.history_ == cb.history_
-    counts = {n: r["n_clusters"] for n, r in cb.results_.items()}
-    assert {n: r["n_clusters"] for n, r in fresh.results_.items()} == counts
+    assert fresh.results_.keys() == cb.results_.keys()
+    for name, result in cb.results_.items():  # every documented field survives, so summary_table works
+        assert fresh.results_[name].keys() == result.keys()
+        assert torch.equal(fresh.results_[name]["labels"], result["labels"])
+        assert fresh.results_[name]["nmi"] == result["nmi"]
+    assert fresh.summary_table(fresh.results_, list(cb.results_)) == cb.summary_table(cb.results_, list(cb.results_))
 
 
 def test_callback_does_not_disturb_training(tmp_path):

@@ -282,13 +282,15 @@ class LayerClusters(InterpretationCallback):
                            f"({change:.0%} change): its representation is reorganising")
 
     # -- state ---------------------------------------------------------------------------------------------
-    def _extra_state(self) -> dict[str, Any]:
-        last = {name: {"n_clusters": r["n_clusters"], "epoch": r["epoch"]} for name, r in self.results_.items()}
-        return {"history": list(self.history_), "last_counts": last}
+    def _extra_state(self) -> dict[str, Any]:  # results_ is small: weights [K], labels [probe] per layer
+        return {"history": list(self.history_), "results": {name: dict(r) for name, r in self.results_.items()}}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.history_ = list(state.get("history", []))
-        self.results_ = {name: dict(r) for name, r in state.get("last_counts", {}).items()}
+        self.results_ = {name: dict(r) for name, r in state.get("results", {}).items()}
+        if not self.results_ and state.get("last_counts"):  # older checkpoints kept the counts only
+            self.results_ = {name: {"weights": None, "nmi": None, "ari": None, "labels": None,
+                                    "position_clusters": None, **r} for name, r in state["last_counts"].items()}
 
 
 def _reading(nmi: float | None) -> str:
