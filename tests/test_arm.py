@@ -283,6 +283,18 @@ def test_resume_keeps_history_and_reference(tmp_path, dm):
     assert resumed.history_[0]["aggregate"] == first.history_[0]["aggregate"]
 
 
+@pytest.mark.parametrize("reference, expected", [("first", [(1, 0), (3, 2)]), ("previous", [(1, 0), (3, 2)])])
+def test_resume_without_the_reference_says_which_epoch_replaces_it(tmp_path, dm, reference, expected):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = ARMDrift(reference=reference, keep_reference_in_checkpoint=False, strict=True)
+    make_trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(DigitsCNN(), dm)
+    resumed = ARMDrift(reference=reference, keep_reference_in_checkpoint=False, strict=True)
+    with pytest.warns(InterpretationWarning, match="reference activations of epoch .* were not in the checkpoint") as w:
+        make_trainer(tmp_path, [resumed], max_epochs=4).fit(DigitsCNN(), dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert sum("were not in the checkpoint" in str(m.message) for m in w) == 1
+    assert [(r["epoch"], r["reference_epoch"]) for r in resumed.history_] == expected
+
+
 def test_does_not_disturb_training(tmp_path, dm):
     def weights(callbacks):
         pl.seed_everything(5)

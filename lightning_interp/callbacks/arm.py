@@ -134,6 +134,7 @@ class ARMDrift(InterpretationCallback):
         self.settled_layers_: list[str] = []
         self.reference_epoch_: int | None = None
         self._references: dict[str, dict[str, Tensor]] = {}  # source -> sorted [n, units] per layer
+        self._reference_not_restored: int | None = None  # its epoch, after a resume without the activations
         self._reference_indices: Tensor | None = None  # the probe's dataset indices when it was recorded
         self._streaks: dict[str, int] = {}
         self._peaks: dict[str, float] = {}
@@ -301,6 +302,14 @@ class ARMDrift(InterpretationCallback):
                 "never recorded (resumed from a checkpoint without ARMDrift state?); no drift can be reported",
             )
             return
+        if self._reference_not_restored is not None:
+            self.warn_once(
+                "reference:not_restored",
+                f"ARMDrift: the reference activations of epoch {self._reference_not_restored} were not in the "
+                f"checkpoint (keep_reference_in_checkpoint=False), so epoch {epoch} becomes the reference"
+                + (" from now on" if target == "first" else " and its own drift is not reported"),
+            )
+            self._reference_not_restored = None
         self._set_reference(views, epoch, indices)
 
     def _shift_arm(self, trainer, pl_module, probe, layers, current) -> ARMResult:
@@ -437,7 +446,7 @@ class ARMDrift(InterpretationCallback):
             reference = {OWN_PASS: reference}  # saved before references were kept per source: the own pass
         self._references = {source: dict(acts) for source, acts in reference.items()}
         if not self._references:
-            self.reference_epoch_ = None
+            self._reference_not_restored, self.reference_epoch_ = self.reference_epoch_, None
 
 
 def _input_shape(probe: ProbeData) -> tuple[int, ...]:
