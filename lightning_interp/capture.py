@@ -22,7 +22,8 @@ def find_head(model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT
     return names[-1] if names else None
 
 
-def _describe(model: nn.Module) -> str:
+def describe_layers(model: nn.Module) -> str:
+    """``"conv1 (Conv2d), fc1 (Linear), ..."``: every leaf module, for error messages that say what exists."""
     named = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if name and not list(m.children())]
     return ", ".join(named) if named else "(the model has no submodules)"
 
@@ -51,7 +52,7 @@ def select_layers(
         if unmatched:
             raise LayerSelectionError(
                 f"layer pattern(s) {unmatched} matched no module of {type(model).__name__}; "
-                f"available layers: {_describe(model)}"
+                f"available layers: {describe_layers(model)}"
             )
         return chosen
     head = find_head(model, layer_types) if exclude_head else None
@@ -60,7 +61,7 @@ def select_layers(
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise LayerSelectionError(
             f"{type(model).__name__} has no {kinds} layer besides its output head {head!r}; "
-            f"name layers with a glob instead. Available layers: {_describe(model)}"
+            f"name layers with a glob instead. Available layers: {describe_layers(model)}"
         )
     return chosen
 

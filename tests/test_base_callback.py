@@ -173,3 +173,19 @@ def test_missing_validation_data_is_named(tmp_path):
     data = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))), batch_size=16)
     with pytest.raises(Exception, match="probe='val' but the trainer has no val dataloader"):
         make_trainer(tmp_path, [MeanActivation(strict=True)], max_epochs=1).fit(DigitsCNN(), data)
+
+
+def test_several_validation_loaders_say_which_one_is_read(tmp_path, datamodule):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class TwoValSets(DigitsCNN):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return super().validation_step(batch, batch_idx)
+
+    cb = MeanActivation(probe="val", strict=True)
+    first = datamodule.val_dataloader()
+    second = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    with pytest.warns(InterpretationWarning, match="2 val dataloaders; 'val' here means the first one") as caught:
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(TwoValSets(), datamodule.train_dataloader(), [first, second])
+    assert sum("val dataloaders" in str(w.message) for w in caught) == 1
+    assert len(cb.probe_) == len(first.dataset)

@@ -98,11 +98,11 @@ def test_components_are_named_per_channel_neuron_and_head(convnet):
     assert attention.names == [f"attn.head[{h}]" for h in range(4)]  # out_proj is not a separate layer
 
 
-def test_no_eligible_component_names_the_module_types_found():
+def test_no_eligible_component_names_the_layers_found():
     model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(4, 2))  # the only Linear is the head
-    with pytest.raises(C.AblationError, match=r"module types found: .*Flatten.*ReLU"):
+    with pytest.raises(C.AblationError, match=r"Available layers: 0 \(Flatten\), 1 \(ReLU\), 2 \(Linear\)"):
         C.find_components(model)
-    with pytest.raises(C.AblationError, match="matching"):
+    with pytest.raises(C.AblationError, match=r"matching \['bn'\].*Available layers: .*conv1 \(Conv2d\)"):
         C.find_components(ConvNet(), include=["bn"])
     with pytest.raises(ValueError, match="layer_types"):
         C.find_components(ConvNet(), layer_types=["lstm"])
@@ -401,7 +401,7 @@ def test_callback_rejects_bad_configuration():
     for bad in ({"alpha": 0.0}, {"alpha": 1.2}, {"layer_types": ["rnn"]}, {"n_masks": 1}, {"every_n_epochs": 0}):
         with pytest.raises(ValueError):
             ComponentAttribution(**bad)
-    with pytest.raises(C.AblationError, match="module types found"):
+    with pytest.raises(C.AblationError, match="Available layers"):
         ComponentAttribution()._check_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
 
 

@@ -46,6 +46,9 @@ def loader_list(loaders) -> list:
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
+_WARNED_SEVERAL_LOADERS: set[tuple[int, str]] = set()
+
+
 def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset."""
     if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)):
@@ -55,8 +58,12 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     loaders = trainer.train_dataloader if source == "train" else trainer.val_dataloaders
     if loaders is None and trainer.datamodule is not None:
         loaders = trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
-    first = next(iter(loader_list(loaders)), None)
-    dataset = getattr(first, "dataset", None)
+    loaders = loader_list(loaders)
+    if len(loaders) > 1 and (id(trainer), source) not in _WARNED_SEVERAL_LOADERS:
+        _WARNED_SEVERAL_LOADERS.add((id(trainer), source))
+        warnings.warn(f"the trainer has {len(loaders)} {source} dataloaders; {source!r} here means the first one's "
+                      "dataset (pass a Dataset to analyse another)", InterpretationWarning, stacklevel=2)
+    dataset = getattr(next(iter(loaders), None), "dataset", None)
     if dataset is None:
         raise ProbeDataError(
             f"probe={source!r} but the trainer has no {source} dataloader with a dataset; "
@@ -69,8 +76,8 @@ class InterpretationCallback(Callback):
     """Base of the plugin's callbacks.
 
     Args:
-        every_n_epochs: run :meth:`compute` at the end of every n-th training epoch (0 disables the schedule,
-            for callbacks driven by other events such as checkpoints).
+        every_n_epochs: run :meth:`compute` at the end of every n-th training epoch (0 only for callbacks
+            driven by other events such as checkpoints: it disables the schedule).
         probe: the data analysed — ``"val"``, ``"train"`` or a map-style ``Dataset``.
         probe_size: analyse a coreset of the probe: a fraction in (0, 1] or a number of samples; ``None`` uses
             all of it.

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import find_head
+from ..capture import describe_layers, find_head
 from ..probe import evaluation_mode, output_tensor
 
 __all__ = [
@@ -141,11 +141,6 @@ def _component_count(module: nn.Module, kind: str) -> int:
     return module.num_heads
 
 
-def _types_found(model: nn.Module) -> str:
-    names = sorted({type(m).__name__ for _, m in model.named_modules()})
-    return ", ".join(names)
-
-
 def find_components(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -189,7 +184,7 @@ def find_components(
         where = f" matching {list(include)}" if include is not None else ""
         head_note = f" (the output layer {head!r} is excluded)" if head else ""
         raise AblationError(
-            f"{type(model).__name__} has no {wanted} module{where}{head_note}; module types found: {_types_found(model)}"
+            f"{type(model).__name__} has no {wanted} module{where}{head_note}. Available layers: {describe_layers(model)}"
         )
     return Components(tuple(groups))
 
