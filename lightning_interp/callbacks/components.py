@@ -124,6 +124,7 @@ class ComponentAttribution(InterpretationCallback):
         self._use_epoch_schedule = not at_checkpoints
         self._last_run: tuple[int, int] | None = None  # (epoch, global step)
         self._pending: dict[str, Any] | None = None  # a result computed during a checkpoint save, file unwritten
+        self._after_training = False  # the final-model run of on_train_end
         self._written_next_to: dict[Path, Path] = {}  # attribution file -> the checkpoint it belongs to
         self._plotted_run: int | None = None  # len(history_) when the heat map was last drawn
 
@@ -148,6 +149,11 @@ class ComponentAttribution(InterpretationCallback):
 
     def _is_due(self, epoch: int) -> bool:
         return self._use_epoch_schedule and super()._is_due(epoch)
+
+    def _epoch(self, trainer) -> int:
+        """The epoch whose weights are analysed: once training has ended Lightning counts the last epoch as
+        completed (``current_epoch`` is one past it, also when ``max_steps`` stopped it midway)."""
+        return max(0, trainer.current_epoch - 1) if self._after_training else trainer.current_epoch
 
     def _checkpoint_due(self, epoch: int) -> bool:
         if self._last_run is None:
@@ -182,9 +188,13 @@ class ComponentAttribution(InterpretationCallback):
         if self._last_run is None and not self._use_epoch_schedule:
             # No checkpoint came when one was due (e.g. the monitored metric stopped improving):
             # analyse the final model rather than end the run without a result.
-            self.run_now(trainer, pl_module)
-            if self.save_attributions and self._last_run is not None:
-                self._save([self._epoch_file(trainer)], trainer)
+            self._after_training = True
+            try:
+                self.run_now(trainer, pl_module)
+                if self.save_attributions and self._last_run is not None:
+                    self._save([self._epoch_file(trainer)], trainer)
+            finally:
+                self._after_training = False
         if self.plot_every_n_runs is None and hasattr(self, "class_attributions_") and self._plotted_run != len(self.history_):
             try:
                 self._plot()
@@ -200,7 +210,7 @@ class ComponentAttribution(InterpretationCallback):
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         x, y, indices = _probe_tensors(probe, model_device(pl_module))
         components = find_components(pl_module, self.layers, self.layer_types)
-        seed = self.seed + trainer.current_epoch
+        seed = self.seed + self._epoch(trainer)
         with self._progress(trainer, self.n_masks + self.n_eval_masks) as advance:
             weights, bias = fit_attributions(
                 pl_module, components, x, y, self.n_masks, self.alpha, seed, self.max_batch_size, self.ridge, advance
@@ -215,9 +225,9 @@ class ComponentAttribution(InterpretationCallback):
         self.probe_indices_, self.labels_ = indices, y.cpu()
         self.classes_ = self.labels_.unique()
         self.class_attributions_ = torch.stack([weights[self.labels_ == k].mean(0) for k in self.classes_])
-        self._last_run = (trainer.current_epoch, trainer.global_step)
+        self._last_run = (self._epoch(trainer), trainer.global_step)
         self.history_.append({
-            "epoch": trainer.current_epoch, "step": trainer.global_step, "correlation": self.correlation_,
+            "epoch": self._epoch(trainer), "step": trainer.global_step, "correlation": self.correlation_,
             "n_components": len(components), "files": [],
         })
         self._report(trainer)
@@ -235,7 +245,7 @@ class ComponentAttribution(InterpretationCallback):
         x, y, _ = _probe_tensors(probe, model_device(pl_module))
         components = find_components(pl_module, self.layers, self.layer_types)
         weights, _ = fit_attributions(pl_module, components, x, y, self.n_masks, self.alpha,
-                                      self.seed + trainer.current_epoch, self.max_batch_size, self.ridge)
+                                      self.seed + self._epoch(trainer), self.max_batch_size, self.ridge)
         return weights.mean(0)
 
     def _progress(self, trainer, total: int):
@@ -328,7 +338,7 @@ class ComponentAttribution(InterpretationCallback):
 
     def _epoch_file(self, trainer) -> Path:
         root = run_dir(trainer) / "component_attributions"
-        return root / f"epoch={trainer.current_epoch}-step={trainer.global_step}.components.pt"
+        return root / f"epoch={self._epoch(trainer)}-step={trainer.global_step}.components.pt"
 
     def _flush_pending(self, trainer, final: bool = False) -> None:
         """Write the result of the last checkpoint-time run next to the checkpoint file(s) saved with it, and
