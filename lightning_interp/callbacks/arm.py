@@ -141,6 +141,7 @@ class ARMDrift(InterpretationCallback):
         self._checked_shapes = False
         self._tap: tuple[ActivationRecorder, WeightsFingerprint] | None = None
         self._tapped: tuple[WeightsFingerprint, dict[str, Tensor]] | None = None  # (weights, activations)
+        self._restored_tap: tuple[int, dict[str, Tensor]] | None = None  # (epoch, activations) from a checkpoint
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
@@ -274,7 +275,14 @@ class ARMDrift(InterpretationCallback):
         """This epoch's activations from the validation pass, if they cover exactly the whole probe and the
         weights are still the ones validated (another callback may swap or prune them in between)."""
         tapped, self._tapped = self._tapped, None
-        if tapped is None or self.probe != "val" or self.probe_size is not None:
+        restored, self._restored_tap = self._restored_tap, None
+        if self.probe != "val" or self.probe_size is not None:
+            return None
+        if tapped is None and restored is not None and restored[0] == trainer.current_epoch:
+            # resumed from a checkpoint saved between this epoch's validation and its end: the weights were
+            # restored from that checkpoint, so they are the ones validated
+            tapped = (WeightsFingerprint(pl_module), restored[1])
+        if tapped is None:
             return None
         weights, activations = tapped
         loader = loader_list(trainer.val_dataloaders)[0]
@@ -419,6 +427,17 @@ class ARMDrift(InterpretationCallback):
         return self.activation_profile(trainer, pl_module, probe)
 
     # -- checkpoint state ----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved after this epoch's validation pass but before its end (``ModelCheckpoint`` on a
+        validation metric) keeps the activations read from that pass: a run resumed from it re-enters the end
+        of the epoch without validating again."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None or self._tapped is None or not self.keep_reference_in_checkpoint:
+            return
+        weights, activations = self._tapped
+        if weights == WeightsFingerprint(pl_module):
+            state["tapped"] = {"epoch": trainer.current_epoch, "activations": dict(activations)}
+
     def _extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "history": [dict(r) for r in self.history_],
@@ -445,6 +464,8 @@ class ARMDrift(InterpretationCallback):
         if reference and all(isinstance(t, Tensor) for t in reference.values()):
             reference = {OWN_PASS: reference}  # saved before references were kept per source: the own pass
         self._references = {source: dict(acts) for source, acts in reference.items()}
+        tapped = state.get("tapped")
+        self._restored_tap = (tapped["epoch"], dict(tapped["activations"])) if tapped else None
         if not self._references:
             self._reference_not_restored, self.reference_epoch_ = self.reference_epoch_, None
 
