@@ -315,6 +315,13 @@ def test_resume_from_a_checkpoint_saved_at_validation_end_loses_no_epoch(tmp_pat
     assert resumed.history_[0]["aggregate"] == pytest.approx(whole.history_[0]["aggregate"], rel=1e-6)
 
 
+def test_a_single_analysis_says_no_drift_can_be_reported(tmp_path, dm):
+    cb = ARMDrift()
+    with pytest.warns(InterpretationWarning, match="only one analysis fits in max_epochs=1"):
+        make_trainer(tmp_path, [cb], max_epochs=1, logger=False).fit(DigitsCNN(), dm)
+    assert cb.history_ == [] and cb.reference_epoch_ == 0
+
+
 def test_does_not_disturb_training(tmp_path, dm):
     def weights(callbacks):
         pl.seed_everything(5)

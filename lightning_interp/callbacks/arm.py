@@ -222,6 +222,14 @@ class ARMDrift(InterpretationCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         max_epochs = trainer.max_epochs
+        analyses = max_epochs // self.every_n_epochs if max_epochs is not None and max_epochs >= 0 else None
+        if (stage == "fit" and analyses == 1 and self.reference in ("previous", "first") and self.shift_data is None
+                and not trainer.fast_dev_run):
+            self.warn_once(
+                "reference:single",
+                f"ARMDrift: only one analysis fits in max_epochs={max_epochs} (every_n_epochs={self.every_n_epochs}); "
+                "it becomes the reference and no drift can be reported. Train longer or give shift_data",
+            )
         if isinstance(self.reference, int) and max_epochs is not None and 0 <= max_epochs <= self.reference:
             self.warn_once(
                 "reference:unreachable",
