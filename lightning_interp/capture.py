@@ -22,6 +22,17 @@ def find_head(model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT
     return names[-1] if names else None
 
 
+def resolve_head(model: nn.Module, head: str | None = None,
+                 layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES) -> str | None:
+    """The output layer's name: ``head`` when given (checked to exist), else :func:`find_head`'s guess."""
+    if head is None:
+        return find_head(model, layer_types)
+    if head not in dict(model.named_modules()) or not head:
+        raise LayerSelectionError(f"head={head!r} is not a module of {type(model).__name__}; "
+                                  f"available layers: {describe_layers(model)}")
+    return head
+
+
 def describe_layers(model: nn.Module) -> str:
     """``"conv1 (Conv2d), fc1 (Linear), ..."``: every leaf module, for error messages that say what exists."""
     named = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if name and not list(m.children())]
@@ -33,12 +44,13 @@ def select_layers(
     include: Sequence[str] | None = None,
     layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
     exclude_head: bool = True,
+    head: str | None = None,
 ) -> dict[str, nn.Module]:
     """The layers to analyse, in registration order, keyed by their ``named_modules()`` name.
 
     ``include`` is a list of ``fnmatch`` globs (``"encoder.*"``, ``"conv?"``); when it is given, any module type
     matches and the output head is kept if a pattern names it. Without it, every module of ``layer_types`` is
-    taken, minus the output head when ``exclude_head`` is set.
+    taken, minus the output head when ``exclude_head`` is set (``head``, or the last one registered).
 
     Raises:
         LayerSelectionError: nothing matched; the message lists the available layer names.
@@ -55,7 +67,7 @@ def select_layers(
                 f"available layers: {describe_layers(model)}"
             )
         return chosen
-    head = find_head(model, layer_types) if exclude_head else None
+    head = resolve_head(model, head, layer_types) if exclude_head else None
     chosen = {name: m for name, m in modules if isinstance(m, tuple(layer_types)) and name != head}
     if not chosen:
         kinds = ", ".join(t.__name__ for t in layer_types)

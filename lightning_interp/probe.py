@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from .capture import ActivationRecorder, HeadInputRecorder, find_head
+from .capture import ActivationRecorder, HeadInputRecorder, resolve_head
 
 BatchToXY = Callable[[object], tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -246,17 +246,18 @@ def run_probe(
     probe: ProbeData,
     layers: Mapping[str, nn.Module] | None = None,
     pool: bool = True,
-    features: bool = False,
+    features: bool | str = False,
 ) -> ProbeOutputs:
     """Forward the whole probe set through ``model`` under :func:`evaluation_mode`, recording ``layers``.
 
-    With ``features=True`` the input of the output head (see :func:`~lightning_interp.capture.find_head`) is
-    recorded too. Inputs go to the model's device; results come back on the CPU.
+    With ``features`` the input of the output head is recorded too: ``True`` takes the last Conv/Linear
+    registered (:func:`~lightning_interp.capture.find_head`), a string names the head. Inputs go to the model's
+    device; results come back on the CPU.
     """
     device = model_device(model)
     outputs, labels, indices = [], [], []
     recorders = [ActivationRecorder(model, layers or {}, pool=pool)]
-    head = find_head(model) if features else None
+    head = resolve_head(model, features if isinstance(features, str) else None) if features else None
     if head is not None:
         recorders.append(HeadInputRecorder(model, head))
     with evaluation_mode(model), contextlib.ExitStack() as stack:
@@ -276,8 +277,9 @@ def run_probe(
     head_inputs = recorders[1].stacked() if head is not None else {}
     if head is not None and head not in head_inputs:
         raise ProbeDataError(
-            f"the output head was taken to be {head!r} (the last Conv/Linear registered in "
-            f"{type(model).__name__}), but forward() never called it; register the real output layer last"
+            f"the output head was taken to be {head!r}"
+            + ("" if isinstance(features, str) else f" (the last Conv/Linear registered in {type(model).__name__})")
+            + ", but forward() never called it; name the real output layer with the callbacks' head= argument"
         )
     has_labels = all(label is not None for label in labels)
     return ProbeOutputs(
@@ -315,7 +317,7 @@ class ProbeCache:
     def __init__(self) -> None:
         self._step: object = None
         self._weights: WeightsFingerprint | None = None
-        self._entries: dict[tuple, ProbeOutputs] = {}
+        self._entries: dict[tuple, tuple[ProbeOutputs, str | None]] = {}  # key -> (outputs, head of features)
         self.forward_passes = 0  # for tests and profiling
 
     def get(
@@ -324,20 +326,21 @@ class ProbeCache:
         probe: ProbeData,
         layers: Mapping[str, nn.Module],
         step: object,
-        features: bool = False,
+        features: bool | str = False,
     ) -> ProbeOutputs:
         weights = WeightsFingerprint(model)
         if step != self._step or weights != self._weights:
             self._step, self._weights, self._entries = step, weights, {}
         key = (id(model), probe.key)
-        cached = self._entries.get(key)
-        if cached is not None and set(layers) <= set(cached.activations) and (cached.features is not None or not features):
+        head = resolve_head(model, features if isinstance(features, str) else None) if features else None
+        cached, cached_head = self._entries.get(key, (None, None))
+        if cached is not None and set(layers) <= set(cached.activations) and (head is None or head == cached_head):
             return cached.select(list(layers))
         union = dict(layers)
         if cached is not None:
             union.update({n: model.get_submodule(n) for n in cached.activations if n not in union})
-            features = features or cached.features is not None
-        result = run_probe(model, probe, union, pool=True, features=features)
+            head = head or cached_head
+        result = run_probe(model, probe, union, pool=True, features=head or False)
         self.forward_passes += 1
-        self._entries[key] = result
+        self._entries[key] = (result, head)
         return result.select(list(layers))

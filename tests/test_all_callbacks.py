@@ -94,3 +94,34 @@ def test_fast_dev_run_runs_the_analyses_once_and_writes_no_files(tmp_path):
         trainer.fit(DigitsCNN(), DigitsDataModule(noise_fraction=0.0, n_leaked=0))
     assert callbacks[1].scores_ is not None and callbacks[2].correlation_ is not None and callbacks[3].results_
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+class WithAuxiliaryHead(DigitsCNN):
+    """An unused auxiliary layer registered after the real output layer ``fc2``."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = torch.nn.Linear(64, 4)
+
+
+def test_head_names_the_output_layer_when_the_last_registered_is_not(tmp_path):
+    import pytest
+
+    from lightning_interp import ProbeDataError
+
+    layers = ["conv*", "fc1"]
+    callbacks = [
+        MirroredInfluence(every_n_epochs=1, head="fc2", strict=True),
+        ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=60, n_eval_masks=10, probe_size=10,
+                             progress_bar=False, layers=layers, head="fc2", strict=True),
+        LayerClusters(every_n_epochs=1, probe_size=128, layers=layers, head="fc2", strict=True),
+    ]
+    make_trainer(tmp_path, callbacks, max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule(n_leaked=3))
+    assert callbacks[0].scores_ is not None and callbacks[2].results_
+    assert not any(name.startswith(("fc2", "aux")) for name in callbacks[1].component_names_)
+
+    guessed = MirroredInfluence(every_n_epochs=1, strict=True)  # the guess is 'aux', which never runs
+    with pytest.raises(ProbeDataError, match="head was taken to be 'aux'.*head= argument"):
+        make_trainer(tmp_path, [guessed], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule(n_leaked=3))
+    with pytest.raises(ValueError, match="head='fc9' is not a module of WithAuxiliaryHead; available layers: conv1"):
+        make_trainer(tmp_path, [LayerClusters(head="fc9")], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule())

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
-from ..capture import select_layers
+from ..capture import resolve_head, select_layers
 from ..distributed import gather_by_index, shard_positions
 from ..probe import BatchToXY, ProbeCache, ProbeData, ProbeDataError, ProbeOutputs, inputs_in_model_dtype
 from ..report import Reporter, markdown_table
@@ -87,6 +87,9 @@ class InterpretationCallback(Callback):
             sample of it) and log their agreement (Spearman, top-k Jaccard).
         reselect_every_n_epochs: choose the coreset again every n epochs (``None``: once).
         layers: ``fnmatch`` globs of layer names; ``None`` takes every Conv/Linear layer but the output head.
+        head: name of the output layer (its input is the penultimate feature vector; it is left out of the default
+            layers); ``None`` takes the last Conv/Linear registered, which is wrong when an unused or auxiliary
+            layer is registered after the real head.
         batch_size: batch size of the probe's own loader.
         alert_action: ``"warn"``, ``"stop"`` (end training, DDP-safe) or ``"raise"``.
         strict: re-raise errors inside the callback instead of warning once and letting training go on.
@@ -114,6 +117,7 @@ class InterpretationCallback(Callback):
         probe_fidelity: bool = True,
         reselect_every_n_epochs: int | None = None,
         layers: list[str] | None = None,
+        head: str | None = None,
         batch_size: int = 256,
         alert_action: str = "warn",
         strict: bool = False,
@@ -153,6 +157,9 @@ class InterpretationCallback(Callback):
         self.probe_fidelity = probe_fidelity
         self.reselect_every_n_epochs = reselect_every_n_epochs
         self.layers = list(layers) if layers is not None else None
+        if head is not None and (not isinstance(head, str) or not head):
+            raise ValueError(f"head must be a module name or None, got {head!r}")
+        self.head = head
         self.batch_size = batch_size
         self.alert_action = validate_action(alert_action)
         self.strict = strict
@@ -328,10 +335,11 @@ class InterpretationCallback(Callback):
 
     def select_layers(self, pl_module) -> dict[str, nn.Module]:
         """The layers this callback analyses (its ``layers`` globs, or Conv/Linear minus the output head)."""
-        return select_layers(pl_module, include=self.layers)
+        return select_layers(pl_module, include=self.layers, head=self.head)
 
     def _check_layers(self, pl_module) -> None:
         self.select_layers(pl_module)  # fails fast at setup with the available layer names
+        resolve_head(pl_module, self.head)
 
     def forward_probe(
         self, trainer, pl_module, probe: ProbeData, layers: dict[str, nn.Module] | None = None, features: bool = False
@@ -342,6 +350,7 @@ class InterpretationCallback(Callback):
         dataset index, so every rank computes (and decides) the same thing.
         """
         cache = probe_cache(pl_module)
+        features = (self.head or True) if features else False
         step = (trainer.global_step, trainer.current_epoch, trainer.state.stage)
         world = trainer.world_size
         if world <= 1:

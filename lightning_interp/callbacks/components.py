@@ -145,7 +145,7 @@ class ComponentAttribution(InterpretationCallback):
             self._warn_if_schedule_unreachable(trainer, stage)
 
     def _check_layers(self, pl_module) -> None:
-        find_components(pl_module, self.layers, self.layer_types)  # fails fast, naming the module types found
+        find_components(pl_module, self.layers, self.layer_types, head=self.head)  # fails fast, naming the layers found
 
     def _is_due(self, epoch: int) -> bool:
         return self._use_epoch_schedule and super()._is_due(epoch)
@@ -209,7 +209,7 @@ class ComponentAttribution(InterpretationCallback):
     # -- the analysis --------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         x, y, indices = _probe_tensors(probe, model_device(pl_module))
-        components = find_components(pl_module, self.layers, self.layer_types)
+        components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
         seed = self.seed + self._epoch(trainer)
         with self._progress(trainer, self.n_masks + self.n_eval_masks) as advance:
             weights, bias = fit_attributions(
@@ -243,7 +243,7 @@ class ComponentAttribution(InterpretationCallback):
         reference fit, and only the averaging differs.
         """
         x, y, _ = _probe_tensors(probe, model_device(pl_module))
-        components = find_components(pl_module, self.layers, self.layer_types)
+        components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
         weights, _ = fit_attributions(pl_module, components, x, y, self.n_masks, self.alpha,
                                       self.seed + self._epoch(trainer), self.max_batch_size, self.ridge)
         return weights.mean(0)

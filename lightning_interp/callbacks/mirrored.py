@@ -263,7 +263,7 @@ class MirroredInfluence(InterpretationCallback):
                 raise ProbeDataError(f"MirroredInfluence (leak queries) needs class labels: {err}") from err
             views = self._query_views(x)
             outs = run_probe(pl_module, ProbeData(TensorDataset(views.flatten(0, 1)), batch_size=self.batch_size),
-                             features=True)
+                             features=self.head or True)
             g = len(views)
             rq, fq = head_gradient_directions(outs.outputs.view(g, len(x), -1), outs.features.view(g, len(x), -1),
                                               y.expand(g, len(x)), self.leak_temperature)

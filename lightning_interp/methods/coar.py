@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import describe_layers, find_head
+from ..capture import describe_layers, resolve_head
 from ..probe import evaluation_mode, output_tensor
 
 __all__ = [
@@ -146,6 +146,7 @@ def find_components(
     include: Sequence[str] | None = None,
     layer_types: Sequence[str] = ("conv", "linear", "attention"),
     exclude_head: bool = True,
+    head: str | None = None,
 ) -> Components:
     """Enumerate the components of ``model``: conv output channels, Linear neurons and attention heads.
 
@@ -154,7 +155,8 @@ def find_components(
             ``layer_types``. Matched modules of other types are ignored; matching none raises.
         layer_types: subset of ``"conv"`` (Conv1d/2d/3d), ``"linear"``, ``"attention"``
             (``nn.MultiheadAttention``, one component per head).
-        exclude_head: leave out the output layer (the last Conv/Linear), whose "components" are the logits.
+        exclude_head: leave out the output layer, whose "components" are the logits.
+        head: the output layer's name (default: the last Conv/Linear registered).
 
     Raises:
         AblationError: no eligible component; the message names the module types the model has.
@@ -164,7 +166,7 @@ def find_components(
         raise ValueError(f"layer_types must be a non-empty subset of {sorted(LAYER_KINDS)}, got {list(layer_types)}")
     if isinstance(include, str):
         include = [include]
-    head = find_head(model) if exclude_head else None
+    head = resolve_head(model, head) if exclude_head else None
     inside_attention = {
         f"{name}.{sub}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
         for sub, _ in m.named_modules() if sub
