@@ -303,7 +303,7 @@ class WeightsFingerprint:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, WeightsFingerprint) and self.identity == other.identity
-                and torch.equal(self.sums, other.sums))
+                and self.sums.device == other.sums.device and torch.equal(self.sums, other.sums))
 
 
 class ProbeCache:
