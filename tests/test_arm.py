@@ -322,6 +322,13 @@ def test_a_single_analysis_says_no_drift_can_be_reported(tmp_path, dm):
     assert cb.history_ == [] and cb.reference_epoch_ == 0
 
 
+def test_reselecting_at_every_analysis_with_previous_reference_is_refused():
+    with pytest.raises(ValueError, match="reselect_every_n_epochs=1 <= every_n_epochs=1 would never report drift"):
+        ARMDrift(probe_size=50, reselect_every_n_epochs=1)
+    ARMDrift(probe_size=50, reselect_every_n_epochs=2)
+    ARMDrift(probe_size=50, reselect_every_n_epochs=1, reference="first")
+
+
 def test_does_not_disturb_training(tmp_path, dm):
     def weights(callbacks):
         pl.seed_everything(5)

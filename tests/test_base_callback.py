@@ -121,6 +121,25 @@ def test_resume_keeps_history_and_alerts(tmp_path, datamodule):
     assert torch.equal(resumed.coreset_["indices"], first.coreset_["indices"])  # the same probe after resume
 
 
+def test_a_resumed_run_with_other_coreset_settings_chooses_again(tmp_path, datamodule):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = MeanActivation(probe_size=40, probe_fidelity=False)
+    make_trainer(tmp_path, [first, ckpt], max_epochs=1, enable_checkpointing=True).fit(DigitsCNN(), datamodule)
+    resumed = MeanActivation(probe_size=60, probe_selector="kcenter", probe_fidelity=False)
+    with pytest.warns(InterpretationWarning, match="chosen with probe_size=40, selector='random'.*now asks for "
+                                                   "probe_size=60, selector='kcenter'"):
+        make_trainer(tmp_path, [resumed], max_epochs=2).fit(DigitsCNN(), datamodule,
+                                                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.coreset_["selector"] == "kcenter" and len(resumed.coreset_["indices"]) == 60
+    assert resumed.coreset_["epoch"] == 1
+
+
+def test_coreset_options_without_a_probe_size_are_named():
+    with pytest.warns(InterpretationWarning, match="probe_selector='kcenter', reselect_every_n_epochs=2 only apply to a "
+                                                   "coreset"):
+        MeanActivation(probe_selector="kcenter", reselect_every_n_epochs=2)
+
+
 def test_weights_only_checkpoints_warn_that_state_is_lost(tmp_path, datamodule):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
     with pytest.warns(InterpretationWarning, match="save_weights_only=True"):

@@ -421,7 +421,7 @@ def test_final_model_is_analysed_when_no_checkpoint_came_due(tmp_path):
     trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("*.ckpt"))
     assert cb.correlation_ is not None and len(cb.history_) == 1
-    assert cb.history_[0]["epoch"] == 1  # the last epoch trained (epochs 0 and 1), not Lightning's count of 2
+    assert cb.history_[0]["epoch"] == cb.coreset_["epoch"] == 1  # the last epoch trained, not Lightning's count of 2
     files = list((tmp_path / "tb" / "version_0" / "component_attributions").glob("*.components.pt"))
     assert [f.name.split("-")[0] for f in files] == ["epoch=1"]
     assert torch.load(files[0], weights_only=False)["attributions"].shape[1] == len(cb.component_names_)

@@ -93,6 +93,14 @@ class ARMDrift(InterpretationCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if (reference == "previous" and self.probe_size is not None and self.reselect_every_n_epochs is not None
+                and self.reselect_every_n_epochs <= self.every_n_epochs):
+            raise ValueError(
+                f"ARMDrift(reference='previous') makes a re-selected coreset the new reference (two different samples "
+                f"would add sampling noise to the drift), so reselect_every_n_epochs={self.reselect_every_n_epochs} "
+                f"<= every_n_epochs={self.every_n_epochs} would never report drift; choose reselect_every_n_epochs "
+                f"> every_n_epochs"
+            )
         if isinstance(reference, bool) or not (reference in ("previous", "first") or isinstance(reference, int)):
             raise ValueError(f"reference must be 'previous', 'first' or an epoch number, got {reference!r}")
         if isinstance(reference, int):

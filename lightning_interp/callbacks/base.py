@@ -100,7 +100,8 @@ class InterpretationCallback(Callback):
     Attributes:
         alerts_: every alert raised so far (kept in checkpoints).
         probe_: the resolved probe (dataset and indices) last analysed.
-        coreset_: the last coreset selection: size, selector, indices and fidelity.
+        coreset_: the last coreset selection: epoch, probe_size, selector, balance, size, of (probe length),
+            indices and fidelity.
     """
 
     tag: ClassVar[str] = "interp"
@@ -149,6 +150,12 @@ class InterpretationCallback(Callback):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(layers, str):
             layers = [layers]
+        ignored = [f"{name}={value!r}" for name, value, default in [
+            ("probe_selector", probe_selector, "random"), ("reselect_every_n_epochs", reselect_every_n_epochs, None),
+        ] if value != default]
+        if probe_size is None and ignored:
+            warnings.warn(f"{type(self).__name__}: {', '.join(ignored)} only apply to a coreset, and probe_size=None "
+                          "analyses the whole probe; set probe_size to use them", InterpretationWarning, stacklevel=2)
         self.every_n_epochs = every_n_epochs
         self.probe = probe
         self.probe_size = probe_size
@@ -366,9 +373,16 @@ class InterpretationCallback(Callback):
         if self.probe_size is None:
             self.probe_ = full
             return full
-        epoch = trainer.current_epoch
+        epoch = self.analysed_epoch(trainer)
+        settings_changed = self._probe_indices is not None and self.coreset_ is not None and any(
+            self.coreset_.get(key, value) != value for key, value in self._coreset_settings().items())
+        if settings_changed:
+            self.warn_once("coreset:settings", f"{type(self).__name__}: the coreset restored from the checkpoint was "
+                           f"chosen with {_settings_text(self.coreset_)}, the callback now asks for "
+                           f"{_settings_text(self._coreset_settings())}; it is chosen again")
         due = (
             self._probe_indices is None
+            or settings_changed
             or (
                 self.reselect_every_n_epochs is not None
                 and self._selected_epoch is not None
@@ -377,7 +391,6 @@ class InterpretationCallback(Callback):
         )
         if due:
             self._select_coreset(trainer, pl_module, full)
-            self._selected_epoch = epoch
         self.probe_ = ProbeData(dataset, self._probe_indices, self.batch_size, self.batch_to_xy)
         return self.probe_
 
@@ -393,12 +406,20 @@ class InterpretationCallback(Callback):
             return None
         return fidelity(full_scores, self.fidelity_scores(trainer, pl_module, coreset))
 
+    def analysed_epoch(self, trainer) -> int:
+        """The epoch whose weights an analysis reads (a subclass that runs after training ends adjusts it)."""
+        return trainer.current_epoch
+
+    def _coreset_settings(self) -> dict[str, Any]:
+        return {"probe_size": self.probe_size, "selector": self.probe_selector, "balance": self.probe_balance}
+
     def _select_coreset(self, trainer, pl_module, full: ProbeData) -> None:
         from ..methods.coreset import resolve_size, select_coreset
 
+        epoch = self.analysed_epoch(trainer)
         size = resolve_size(len(full), self.probe_size)
         if self.probe_selector == "random" and not self.probe_balance:  # needs no forward pass
-            positions = select_coreset("random", size, n_total=len(full), seed=self.seed + trainer.current_epoch)
+            positions = select_coreset("random", size, n_total=len(full), seed=self.seed + epoch)
         else:
             outs = self.forward_probe(trainer, pl_module, full, features=True)
             positions = select_coreset(
@@ -408,14 +429,14 @@ class InterpretationCallback(Callback):
                 logits=outs.outputs,
                 labels=outs.labels,
                 balance=self.probe_balance,
-                seed=self.seed + trainer.current_epoch,
+                seed=self.seed + epoch,
             )
         self._probe_indices = full.indices[positions].sort().values
-        self._selected_epoch = trainer.current_epoch  # before the fidelity check, which may fail
+        self._selected_epoch = epoch  # before the fidelity check, which may fail
         coreset = full.subset(positions)
         record: dict[str, Any] = {
-            "epoch": trainer.current_epoch,
-            "selector": self.probe_selector,
+            "epoch": epoch,
+            **self._coreset_settings(),
             "size": int(size),
             "of": len(full),
             "indices": self._probe_indices,
@@ -444,6 +465,10 @@ class InterpretationCallback(Callback):
                 [[self.probe_selector, size, len(full), fid.get("spearman", "n/a"), fid.get("jaccard_top_k", "n/a")]],
             ),
         )
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={settings.get(key)!r}" for key in ("probe_size", "selector", "balance"))
 
 
 def _reference_sample(full: ProbeData, size: int, seed: int) -> ProbeData:

@@ -150,7 +150,7 @@ class ComponentAttribution(InterpretationCallback):
     def _is_due(self, epoch: int) -> bool:
         return self._use_epoch_schedule and super()._is_due(epoch)
 
-    def _epoch(self, trainer) -> int:
+    def analysed_epoch(self, trainer) -> int:
         """The epoch whose weights are analysed: once training has ended Lightning counts the last epoch as
         completed (``current_epoch`` is one past it, also when ``max_steps`` stopped it midway)."""
         return max(0, trainer.current_epoch - 1) if self._after_training else trainer.current_epoch
@@ -210,7 +210,7 @@ class ComponentAttribution(InterpretationCallback):
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         x, y, indices = _probe_tensors(probe, model_device(pl_module))
         components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
-        seed = self.seed + self._epoch(trainer)
+        seed = self.seed + self.analysed_epoch(trainer)
         with self._progress(trainer, self.n_masks + self.n_eval_masks) as advance:
             weights, bias = fit_attributions(
                 pl_module, components, x, y, self.n_masks, self.alpha, seed, self.max_batch_size, self.ridge, advance
@@ -225,9 +225,9 @@ class ComponentAttribution(InterpretationCallback):
         self.probe_indices_, self.labels_ = indices, y.cpu()
         self.classes_ = self.labels_.unique()
         self.class_attributions_ = torch.stack([weights[self.labels_ == k].mean(0) for k in self.classes_])
-        self._last_run = (self._epoch(trainer), trainer.global_step)
+        self._last_run = (self.analysed_epoch(trainer), trainer.global_step)
         self.history_.append({
-            "epoch": self._epoch(trainer), "step": trainer.global_step, "correlation": self.correlation_,
+            "epoch": self.analysed_epoch(trainer), "step": trainer.global_step, "correlation": self.correlation_,
             "n_components": len(components), "files": [],
         })
         self._report(trainer)
@@ -245,7 +245,7 @@ class ComponentAttribution(InterpretationCallback):
         x, y, _ = _probe_tensors(probe, model_device(pl_module))
         components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
         weights, _ = fit_attributions(pl_module, components, x, y, self.n_masks, self.alpha,
-                                      self.seed + self._epoch(trainer), self.max_batch_size, self.ridge)
+                                      self.seed + self.analysed_epoch(trainer), self.max_batch_size, self.ridge)
         return weights.mean(0)
 
     def _progress(self, trainer, total: int):
@@ -338,7 +338,7 @@ class ComponentAttribution(InterpretationCallback):
 
     def _epoch_file(self, trainer) -> Path:
         root = run_dir(trainer) / "component_attributions"
-        return root / f"epoch={self._epoch(trainer)}-step={trainer.global_step}.components.pt"
+        return root / f"epoch={self.analysed_epoch(trainer)}-step={trainer.global_step}.components.pt"
 
     def _flush_pending(self, trainer, final: bool = False) -> None:
         """Write the result of the last checkpoint-time run next to the checkpoint file(s) saved with it, and
