@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
+
 import torch
+import torch.distributed as dist
+from torch import nn
 
 
 def shard_positions(n: int, rank: int, world_size: int) -> torch.Tensor:
@@ -38,3 +44,40 @@ def gather_by_index(strategy, rows: torch.Tensor, indices: torch.Tensor) -> tupl
     unique = torch.ones(len(indices), dtype=torch.bool)
     unique[1:] = indices[1:] != indices[:-1]  # an item repeated by an otherwise idle rank
     return rows[unique], indices[unique]
+
+
+_BROADCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (key, rank zero's buffers)
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(module: nn.Module, key: object) -> Iterator[None]:
+    """Inside, every buffer of ``module`` holds rank zero's values; each rank's own tensors are put back after.
+
+    DDP keeps the parameters equal across ranks but each rank updates BatchNorm statistics on its own batches;
+    DDP re-broadcasts rank zero's at the next forward, so a probe sharded over ranks before then would mix
+    models. The rank's tensors are swapped out, not written, so training never sees a change. The broadcast
+    copies are reused for the same ``key`` (the training step), so callbacks at one step share them (and the
+    forward-pass cache keyed on tensor identity). A no-op outside a multi-process group.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    slots = [(owner, name) for owner in module.modules() for name, b in owner._buffers.items() if b is not None]
+    cached = _BROADCAST.get(module)
+    if cached is None or cached[0] != key or len(cached[1]) != len(slots):
+        copies = []
+        for owner, name in slots:
+            copy = owner._buffers[name].detach().clone()
+            as_bytes = copy.dtype == torch.bool  # NCCL has no bool
+            shared = copy.to(torch.uint8) if as_bytes else copy
+            dist.broadcast(shared, src=0)
+            copies.append(shared.to(torch.bool) if as_bytes else shared)
+        cached = _BROADCAST[module] = (key, copies)
+    own = [owner._buffers[name] for owner, name in slots]
+    for (owner, name), copy in zip(slots, cached[1]):
+        owner._buffers[name] = copy
+    try:
+        yield
+    finally:
+        for (owner, name), tensor in zip(slots, own):
+            owner._buffers[name] = tensor

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
 from ..capture import resolve_head, select_layers
-from ..distributed import gather_by_index, shard_positions
+from ..distributed import gather_by_index, rank_zero_buffers, shard_positions
 from ..probe import BatchToXY, ProbeCache, ProbeData, ProbeDataError, ProbeOutputs, inputs_in_model_dtype
 from ..report import Reporter, markdown_table
 
@@ -287,7 +287,8 @@ class InterpretationCallback(Callback):
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
         self.policy.stop_requested = False
         try:
-            with inputs_in_model_dtype(pl_module):
+            step = (trainer.global_step, trainer.current_epoch, trainer.state.stage)
+            with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, step):
                 probe = self.resolve_probe(trainer, pl_module)
                 self.compute(trainer, pl_module, probe)
         except InterpretationAlert:

@@ -1,6 +1,8 @@
 """Run by tests/test_ddp.py: a 2-process CPU DDP fit whose callback shards the probe and gathers it back.
 
-Rank zero saves what the callback gathered and, at the same weights, the single-process forward pass.
+Rank zero saves what the callback gathered and, at the same weights, the single-process forward pass. Without a
+validation pass the ranks' BatchNorm running statistics differ (each saw its own batches); the probe must use rank
+zero's on every rank.
 """
 
 import sys
@@ -35,5 +37,6 @@ if __name__ == "__main__":
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback],
+        limit_val_batches=0,  # no validation forward re-broadcasts rank zero's BatchNorm statistics before the probe
     )
     trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
