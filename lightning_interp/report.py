@@ -18,37 +18,25 @@ import torch
 from ._lightning import is_instance_by_name
 from .alerts import InterpretationWarning
 
-#: The plugin's charts in TensorBoard's "Custom Scalars" tab, one category per concern (regexes over tags).
-CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
-    "lightning_interp: drift": {
-        "ARM aggregate": ["Multiline", [r"arm/aggregate"]],
-        "ARM per layer": ["Multiline", [r"arm/layer/.*"]],
-        "data shift ARM": ["Multiline", [r"arm/shift/.*"]],
-        "settled layers": ["Multiline", [r"arm/settled.*"]],
-    },
-    "lightning_interp: influence": {
-        "flagged samples": ["Multiline", [r"influence/flagged.*"]],
-        "leaks": ["Multiline", [r"influence/leak.*"]],
-        "confirmed by TracIn": ["Multiline", [r"influence/confirmed.*"]],
-    },
-    "lightning_interp: components": {
-        "held-out correlation": ["Multiline", [r"components/correlation.*"]],
-        "single-component dominance": ["Multiline", [r"components/dominance.*"]],
-    },
-    "lightning_interp: clusters": {
-        "clusters per layer": ["Multiline", [r"clusters/.*/n_clusters"]],
-        "agreement with labels (NMI)": ["Multiline", [r"clusters/.*/nmi"]],
-        "agreement with labels (ARI)": ["Multiline", [r"clusters/.*/ari"]],
-        "label-map clusters": ["Multiline", [r"clusters/.*/position_clusters"]],
-    },
-    "lightning_interp: coreset": {
-        "fidelity": ["Multiline", [r".*/coreset/(spearman|jaccard_top_k)"]],
-        "size": ["Multiline", [r".*/coreset/size"]],
-    },
-    "lightning_interp: alerts": {
-        "alerts": ["Multiline", [r"alerts/.*"]],
-    },
-}
+def custom_scalars_layout(callbacks) -> dict[str, dict[str, list]]:
+    """TensorBoard's "Custom Scalars" layout for the attached callbacks: one category per callback with the charts
+    its configuration fills (:meth:`~lightning_interp.callbacks.base.InterpretationCallback.scalar_charts`), the
+    coreset charts of every callback that analyses one, and the alerts."""
+    layout: dict[str, dict[str, list]] = {}
+    coreset: dict[str, list] = {}
+    for callback in callbacks:
+        charts = getattr(callback, "scalar_charts", None)
+        if charts is None:
+            continue
+        for title, patterns in charts().items():
+            target = coreset if "/coreset/" in patterns[0] else layout.setdefault(
+                f"lightning_interp: {callback.chart_category}", {})
+            target[title] = ["Multiline", list(patterns)]
+    if coreset:
+        layout["lightning_interp: coreset"] = coreset
+    if layout:
+        layout["lightning_interp: alerts"] = {"alerts": ["Multiline", [r"alerts/.*"]]}
+    return layout
 
 
 def run_dir(trainer) -> Path:
@@ -126,7 +114,9 @@ class Reporter:
     def _write_layout(self, writer) -> None:
         key = str(writer.get_logdir())
         if key not in Reporter._layouts_written:
-            writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
+            layout = custom_scalars_layout(self.trainer.callbacks)
+            if layout:
+                writer.add_custom_scalars(layout)
             Reporter._layouts_written.add(key)
 
     # -- writers ------------------------------------------------------------------------------------------

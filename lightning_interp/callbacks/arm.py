@@ -75,6 +75,7 @@ class ARMDrift(InterpretationCallback):
     """
 
     tag = "arm"
+    chart_category = "drift"
 
     def __init__(
         self,
@@ -393,6 +394,13 @@ class ARMDrift(InterpretationCallback):
                            f"ARMDrift skips layer {name!r}: its activations on {where} contain NaN or inf")
 
     # -- reporting -----------------------------------------------------------------------------------------
+    def scalar_charts(self) -> dict[str, list[str]]:
+        charts = {"ARM aggregate": [r"arm/aggregate"], "ARM per layer": [r"arm/layer/.*"],
+                  "settled layers": [r"arm/settled_layers"]}
+        if self.shift_data is not None:
+            charts["data shift ARM"] = [r"arm/shift/.*"]
+        return {**charts, **super().scalar_charts()}
+
     def _log(self, record: dict[str, Any]) -> None:
         scalars = {f"{self.tag}/aggregate": record["aggregate"], f"{self.tag}/settled_layers": len(self.settled_layers_)}
         scalars.update({f"{self.tag}/layer/{n}": v for n, v in record["per_layer"].items()})

@@ -105,6 +105,7 @@ class InterpretationCallback(Callback):
     """
 
     tag: ClassVar[str] = "interp"
+    chart_category: ClassVar[str] = "probes"  # the callback's category in TensorBoard's Custom Scalars tab
     fidelity_reference_size: ClassVar[int] = 2048
 
     def __init__(
@@ -406,6 +407,14 @@ class InterpretationCallback(Callback):
                            "(fidelity_scores returns None): the coreset's fidelity is not reported")
             return None
         return fidelity(full_scores, self.fidelity_scores(trainer, pl_module, coreset))
+
+    def scalar_charts(self) -> dict[str, list[str]]:
+        """Charts of the "Custom Scalars" tab (title -> tag regexes) for what this callback, as configured,
+        logs; subclasses add theirs. Charts that could stay empty (no shift data, no coreset) are left out."""
+        if self.probe_size is None:
+            return {}
+        return {f"{self.tag}: coreset fidelity": [rf"{self.tag}/coreset/(spearman|jaccard_top_k)"],
+                f"{self.tag}: coreset size": [rf"{self.tag}/coreset/size"]}
 
     def analysed_epoch(self, trainer) -> int:
         """The epoch whose weights an analysis reads (a subclass that runs after training ends adjusts it)."""

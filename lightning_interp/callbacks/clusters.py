@@ -83,6 +83,7 @@ class LayerClusters(InterpretationCallback):
     """
 
     tag = "clusters"
+    chart_category = "clusters"
 
     def __init__(
         self,
@@ -211,6 +212,13 @@ class LayerClusters(InterpretationCallback):
         return self.activation_profile(trainer, pl_module, probe)
 
     # -- logging -------------------------------------------------------------------------------------------
+    def scalar_charts(self) -> dict[str, list[str]]:
+        charts = {"clusters per layer": [r"clusters/.*/n_clusters"], "agreement with labels (NMI)": [r"clusters/.*/nmi"],
+                  "agreement with labels (ARI)": [r"clusters/.*/ari"]}
+        if self.label_map_images:
+            charts["label-map clusters"] = [r"clusters/.*/position_clusters"]
+        return {**charts, **super().scalar_charts()}
+
     def _log_layer(self, name, fit: ClusterFit, position_fit, label_maps, inputs) -> None:
         scalars = {f"{self.tag}/{name}/n_clusters": fit.n_clusters}
         if fit.nmi is not None:

@@ -65,6 +65,7 @@ class ComponentAttribution(InterpretationCallback):
     """
 
     tag = "components"
+    chart_category = "components"
     runs_on_epoch_schedule = False  # checkpoints, and the final model when nothing was due
 
     def __init__(
@@ -317,6 +318,10 @@ class ComponentAttribution(InterpretationCallback):
                 f"class {int(self.classes_[worst])} depends on a single component, "
                 f"{self.component_names_[int(top[worst])]} ({float(share[worst]):.0%} of its attribution)",
             )
+
+    def scalar_charts(self) -> dict[str, list[str]]:
+        return {"held-out correlation": [r"components/correlation.*"],
+                "single-component dominance": [r"components/dominance.*"], **super().scalar_charts()}
 
     # -- files ---------------------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:

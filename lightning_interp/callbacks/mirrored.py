@@ -87,6 +87,7 @@ class MirroredInfluence(InterpretationCallback):
     """
 
     tag = "influence"
+    chart_category = "influence"
 
     def __init__(
         self,
@@ -305,6 +306,14 @@ class MirroredInfluence(InterpretationCallback):
         self.confirmed_ = [i for i in flagged.tolist() if self.self_influence_.get(i, 0.0) > bar]
 
     # -- logging and alerts ----------------------------------------------------------------------------
+    def scalar_charts(self) -> dict[str, list[str]]:
+        charts = {"flagged samples": [r"influence/flagged_count"], "flagged fraction": [r"influence/flagged_fraction"]}
+        if self.leak_queries is not None:
+            charts["leaks"] = [r"influence/leaks"]
+        if self.second_look_top_k:
+            charts["confirmed by TracIn"] = [r"influence/confirmed"]
+        return {**charts, **super().scalar_charts()}
+
     def _report(self, trainer, pl_module, probe: ProbeData, outs, seconds: float) -> None:
         scores = self.scores_
         scored = int((self._score_count > 0).sum())
