@@ -7,6 +7,7 @@ files under ``<log dir>/lightning_interp_output/`` (PNG, CSV, Markdown, TSV) aft
 from __future__ import annotations
 
 import csv
+import functools
 import re
 import warnings
 import weakref
@@ -70,14 +71,38 @@ def _image_hwc(image) -> np.ndarray:
     return img
 
 
+def _never_raises(write):
+    """A failed write (a full disk, an unwritable directory, a logger's own error) becomes one warning per kind of
+    failure: the analysis goes on, and under DDP rank zero does not leave the collectives the others wait in."""
+
+    @functools.wraps(write)
+    def guarded(self: Reporter, *args, **kwargs):
+        try:
+            return write(self, *args, **kwargs)
+        except Exception as err:
+            if self.strict:
+                raise
+            kind = (write.__name__, type(err).__name__)
+            if kind not in self._failed:
+                self._failed.add(kind)
+                what = args[0] if args and isinstance(args[0], str) else "its scalars"
+                warnings.warn(f"lightning_interp could not write {what} ({write.__name__}): {err}; the analysis and "
+                              "training go on", InterpretationWarning, stacklevel=3)
+
+    return guarded
+
+
 class Reporter:
-    """Write one callback's results to the trainer's loggers (or files), on rank zero only."""
+    """Write one callback's results to the trainer's loggers (or files), on rank zero only. Writing never raises
+    unless ``strict`` (see :func:`_never_raises`)."""
 
     _layouts_written: set[str] = set()
     _warned_trainers: "weakref.WeakSet" = weakref.WeakSet()  # one fallback warning per trainer
 
-    def __init__(self, trainer) -> None:
+    def __init__(self, trainer, strict: bool = False) -> None:
         self.trainer = trainer
+        self.strict = strict  # re-raise write failures (the callbacks' strict=True)
+        self._failed: set[tuple[str, str]] = set()
 
     # -- destinations -------------------------------------------------------------------------------------
     @property
@@ -120,6 +145,7 @@ class Reporter:
             Reporter._layouts_written.add(key)
 
     # -- writers ------------------------------------------------------------------------------------------
+    @_never_raises
     def log_scalars(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Scalars to every attached logger (CSV, W&B, MLflow, TensorBoard, ...); a CSV file if there is none."""
         if not self.active or not metrics:
@@ -137,6 +163,7 @@ class Reporter:
                     out.writerow(["step", "tag", "value"])
                 out.writerows([step, k, v] for k, v in clean.items())
 
+    @_never_raises
     def log_histogram(self, tag: str, values, step: int | None = None) -> None:
         if not self.active:
             return
@@ -151,6 +178,7 @@ class Reporter:
         if not writers:
             np.savetxt(self.fallback_dir / f"{_safe_name(tag)}_step{step}.csv", data, delimiter=",")
 
+    @_never_raises
     def log_image(self, tag: str, image, step: int | None = None) -> None:
         """An image ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (float in [0, 1] or uint8)."""
         if not self.active:
@@ -165,12 +193,14 @@ class Reporter:
 
             Image.fromarray(img).save(self.fallback_dir / f"{_safe_name(tag)}_step{step}.png")
 
+    @_never_raises
     def log_figure(self, tag: str, figure, step: int | None = None) -> None:
         """A matplotlib figure, rendered to an image and closed."""
         from .plots import figure_to_array
 
         self.log_image(tag, figure_to_array(figure), step)
 
+    @_never_raises
     def log_text(self, tag: str, markdown: str, step: int | None = None) -> None:
         if not self.active:
             return
@@ -182,6 +212,7 @@ class Reporter:
             with (self.fallback_dir / f"{_safe_name(tag)}.md").open("a") as fh:
                 fh.write(f"\n## step {step}\n\n{markdown}\n")
 
+    @_never_raises
     def log_embedding(
         self,
         tag: str,

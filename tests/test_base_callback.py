@@ -208,3 +208,23 @@ def test_several_validation_loaders_say_which_one_is_read(tmp_path, datamodule):
         make_trainer(tmp_path, [cb], max_epochs=2).fit(TwoValSets(), datamodule.train_dataloader(), [first, second])
     assert sum("val dataloaders" in str(w.message) for w in caught) == 1
     assert len(cb.probe_) == len(first.dataset)
+
+
+def test_a_failing_write_is_one_warning_and_the_analysis_goes_on(tmp_path, datamodule):
+    class FullDisk(MeanActivation):
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+
+            def refuse(*args, **kwargs):
+                raise OSError("No space left on device")
+
+            trainer.logger.experiment.add_histogram = refuse
+
+    cb = FullDisk()
+    with pytest.warns(InterpretationWarning, match=r"could not write probe_mean/outputs \(log_histogram\): No space") as w:
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(DigitsCNN(), datamodule)
+    assert sum("could not write" in str(m.message) for m in w) == 1
+    assert [h["epoch"] for h in cb.history_] == [0, 1]  # the analyses went on and logged their scalars
+    assert "probe_mean/conv1" in read_scalars(tmp_path / "tb")
+    with pytest.raises(OSError, match="No space"):
+        make_trainer(tmp_path, [FullDisk(strict=True)], max_epochs=1).fit(DigitsCNN(), datamodule)

@@ -232,7 +232,7 @@ class InterpretationCallback(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
-        self._reporter = Reporter(trainer)
+        self._reporter = Reporter(trainer, strict=self.strict)
         self._check_layers(pl_module)
         weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
         if weights_only and "weights_only" not in self._warned:
