@@ -56,15 +56,23 @@ def rank_zero_buffers(module: nn.Module, key: object) -> Iterator[None]:
     DDP keeps the parameters equal across ranks but each rank updates BatchNorm statistics on its own batches;
     DDP re-broadcasts rank zero's at the next forward, so a probe sharded over ranks before then would mix
     models. The rank's tensors are swapped out, not written, so training never sees a change. The broadcast
-    copies are reused for the same ``key`` (the training step), so callbacks at one step share them (and the
-    forward-pass cache keyed on tensor identity). A no-op outside a multi-process group.
+    copies are reused for the same ``key`` (the training step) while rank zero's buffers still equal them (rank
+    zero decides and tells the others), so callbacks at one step share them, and with them the forward-pass
+    cache, which is keyed on tensor identity. A no-op outside a multi-process group.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    slots = [(owner, name) for owner in module.modules() for name, b in owner._buffers.items() if b is not None]
+    if not slots or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         yield
         return
-    slots = [(owner, name) for owner in module.modules() for name, b in owner._buffers.items() if b is not None]
+    own = [owner._buffers[name] for owner, name in slots]
     cached = _BROADCAST.get(module)
-    if cached is None or cached[0] != key or len(cached[1]) != len(slots):
+    reuse = cached is not None and cached[0] == key and len(cached[1]) == len(slots)
+    if reuse:  # rank zero decides for all: its buffers may have been rewritten since (pruning masks, swaps)
+        same = all(torch.equal(a, b) for a, b in zip(own, cached[1])) if dist.get_rank() == 0 else True
+        flag = torch.tensor([1 if same else 0], device=own[0].device)
+        dist.broadcast(flag, src=0)
+        reuse = bool(flag.item())
+    if not reuse:
         copies = []
         for owner, name in slots:
             copy = owner._buffers[name].detach().clone()
@@ -73,7 +81,6 @@ def rank_zero_buffers(module: nn.Module, key: object) -> Iterator[None]:
             dist.broadcast(shared, src=0)
             copies.append(shared.to(torch.bool) if as_bytes else shared)
         cached = _BROADCAST[module] = (key, copies)
-    own = [owner._buffers[name] for owner, name in slots]
     for (owner, name), copy in zip(slots, cached[1]):
         owner._buffers[name] = copy
     try:
