@@ -81,7 +81,7 @@ def select_layers(
 #: Modules whose units are the *last* axis of their output (a Linear on ``[N, T, D]`` has D units, not T).
 CHANNELS_LAST_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase,
 )
 
 
@@ -93,11 +93,12 @@ def pool_spatial(activation: torch.Tensor) -> torch.Tensor:
 
 
 def samples_first(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (an output or input of ``module``) with the sample axis first: sequence-first attention
-    layers (``batch_first=False``) produce ``[T, N, E]``."""
-    if getattr(module, "batch_first", True) is False and tensor.dim() == 3:
-        return tensor.transpose(0, 1)
-    return tensor
+    """``tensor`` (an output or input of ``module``) with the sample axis first: sequence-first attention,
+    transformer and recurrent layers (``batch_first=False``) produce ``[T, N, E]``."""
+    batch_first = getattr(module, "batch_first", None)
+    if batch_first is None and isinstance(getattr(module, "self_attn", None), nn.MultiheadAttention):
+        batch_first = module.self_attn.batch_first  # Transformer*Layer keeps the flag on its attention
+    return tensor.transpose(0, 1) if batch_first is False and tensor.dim() == 3 else tensor
 
 
 def pool_units(module: nn.Module, activation: torch.Tensor) -> torch.Tensor:

@@ -329,6 +329,20 @@ def test_reselecting_at_every_analysis_with_previous_reference_is_refused():
     ARMDrift(probe_size=50, reselect_every_n_epochs=1, reference="first")
 
 
+def test_activations_of_a_mid_epoch_validation_are_not_reused_after_more_steps(tmp_path, dm):
+    from lightning_interp.callbacks.arm import OWN_PASS
+
+    mid_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_top_k=-1,
+                                save_on_train_epoch_end=False)
+    make_trainer(tmp_path, [ARMDrift(strict=True), mid_epoch], max_epochs=1, val_check_interval=3,
+                 enable_checkpointing=True).fit(DigitsCNN(), dm)
+    step3 = next((tmp_path / "ckpt").glob("epoch=0-step=3*.ckpt"))
+    resumed = ARMDrift(strict=True)
+    make_trainer(tmp_path, [resumed], max_epochs=1, val_check_interval=3, limit_val_batches=0).fit(
+        DigitsCNN(), dm, ckpt_path=str(step3))
+    assert resumed.reference_epoch_ == 0 and list(resumed._references) == [OWN_PASS]  # read at the epoch's end
+
+
 def test_does_not_disturb_training(tmp_path, dm):
     def weights(callbacks):
         pl.seed_everything(5)

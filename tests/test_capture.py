@@ -91,3 +91,14 @@ def test_units_are_the_layers_own_features_for_linear_attention_and_conv_on_toke
     with HeadInputRecorder(model, "head") as rec:
         model(x)
     assert rec.stacked()["head"].shape == (8, 3)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_and_recurrent_layers_record_samples_by_features(batch_first):
+    torch.manual_seed(0)
+    layers = {"encoder": nn.TransformerEncoderLayer(6, 2, 12, batch_first=batch_first),
+              "lstm": nn.LSTM(6, 5, batch_first=batch_first)}
+    tokens = torch.randn(8, 4, 6) if batch_first else torch.randn(4, 8, 6)  # 8 samples of 4 positions
+    with ActivationRecorder(nn.ModuleDict(layers), layers) as rec:
+        layers["lstm"](layers["encoder"](tokens))
+    assert rec.stacked()["encoder"].shape == (8, 6) and rec.stacked()["lstm"].shape == (8, 5)

@@ -171,6 +171,8 @@ def test_reference_score_with_top_k_one_still_compares_with_the_runner_up(noisy_
     three = M.leak_scores(model, x_val[:3], y_val[:3], x, y, top_k=3, **kwargs)
     assert one.top_k.shape == (3, 1) and bool((one.score > 0).all())
     torch.testing.assert_close(one.score, three.score)
+    narrow = M.leak_scores(model, x_val[:3], y_val[:3], x, y, rule="reference", candidates=1, top_k=1)
+    assert narrow.top_k.shape == (3, 1)  # the pool still holds a runner-up for the score
 
 
 def test_int32_labels_are_accepted_like_int64(noisy_blobs):

@@ -150,7 +150,7 @@ class ARMDrift(InterpretationCallback):
         self._checked_shapes = False
         self._tap: tuple[ActivationRecorder, WeightsFingerprint] | None = None
         self._tapped: tuple[WeightsFingerprint, dict[str, Tensor]] | None = None  # (weights, activations)
-        self._restored_tap: tuple[int, dict[str, Tensor]] | None = None  # (epoch, activations) from a checkpoint
+        self._restored_tap: tuple[int, dict[str, Tensor]] | None = None  # (global step, activations), checkpoint
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
@@ -290,21 +290,23 @@ class ARMDrift(InterpretationCallback):
 
     def _take_tapped(self, trainer, pl_module, probe: ProbeData) -> dict[str, Tensor] | None:
         """This epoch's activations from the validation pass, if they cover exactly the whole probe and the
-        weights are still the ones validated (another callback may swap or prune them in between)."""
+        weights are still the ones validated (another callback may swap or prune them in between); after a
+        resume, those kept in the checkpoint when no training step has run since it was saved."""
         tapped, self._tapped = self._tapped, None
         restored, self._restored_tap = self._restored_tap, None
         if self.probe != "val" or self.probe_size is not None:
             return None
-        if tapped is None and restored is not None and restored[0] == trainer.current_epoch:
-            # resumed from a checkpoint saved between this epoch's validation and its end: the weights were
-            # restored from that checkpoint, so they are the ones validated
+        if tapped is None and restored is not None and restored[0] == trainer.global_step:
+            # resumed from a checkpoint saved between this epoch's validation and its end, and no step trained
+            # since (a mid-epoch validation, val_check_interval, would have been followed by more steps): the
+            # weights are the checkpoint's, the ones validated
             tapped = (WeightsFingerprint(pl_module), restored[1])
         if tapped is None:
             return None
         weights, activations = tapped
-        loader = loader_list(trainer.val_dataloaders)[0]
+        loaders = loader_list(trainer.val_dataloaders)
         covers_probe = (
-            getattr(loader, "dataset", None) is probe.dataset
+            bool(loaders) and getattr(loaders[0], "dataset", None) is probe.dataset
             and len(probe) == probe.dataset_size
             and all(len(act) == len(probe) for act in activations.values())
         )
@@ -460,7 +462,7 @@ class ARMDrift(InterpretationCallback):
             return
         weights, activations = self._tapped
         if weights == WeightsFingerprint(pl_module):
-            state["tapped"] = {"epoch": trainer.current_epoch, "activations": dict(activations)}
+            state["tapped"] = {"step": trainer.global_step, "activations": dict(activations)}
 
     def _extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -489,7 +491,7 @@ class ARMDrift(InterpretationCallback):
             reference = {OWN_PASS: reference}  # saved before references were kept per source: the own pass
         self._references = {source: dict(acts) for source, acts in reference.items()}
         tapped = state.get("tapped")
-        self._restored_tap = (tapped["epoch"], dict(tapped["activations"])) if tapped else None
+        self._restored_tap = (tapped["step"], dict(tapped["activations"])) if tapped else None
         if not self._references:
             self._reference_not_restored, self.reference_epoch_ = self.reference_epoch_, None
 

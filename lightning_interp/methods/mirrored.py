@@ -433,7 +433,8 @@ def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Ten
     pool = None
     if candidates is not None and candidates < len(train_x):
         pool = relative_head_influence(q_logits, q_features, query_y, t_logits, t_features, train_y,
-                                       top_k=max(candidates, top_k), temperature=temperature)[1]
+                                       top_k=min(max(candidates, top_k, 2), len(train_x)),
+                                       temperature=temperature)[1]
     result = _reference_leak_scores(model, query_x, query_y, train_x, train_y, UpdateRule(steps, lr, optimizer),
                                     pool, min(max(top_k, 2), len(train_x)), fit_threshold, sphere_radius,
                                     sphere_growth, query_chunk, seed)  # the score needs the runner-up
