@@ -141,7 +141,8 @@ def validity_table(seeds: list[int], levels: list[float], max_epochs: int) -> tu
                 "energy": [r.energy_kwh for r in records],
             }
         )
-        print(f"seed {seed}: clean acc {clean_acc:.3f}, best after retraining {[round(r.best_accuracy, 2) for r in records]}, "
+        best = [round(r.best_accuracy, 2) for r in records]
+        print(f"seed {seed}: clean acc {clean_acc:.3f}, best after retraining {best}, "
               f"epochs {[r.epochs for r in records]}, {time.perf_counter() - started:.0f} s", flush=True)
 
     def mean(key):
@@ -182,7 +183,8 @@ def validity_table(seeds: list[int], levels: list[float], max_epochs: int) -> tu
             errors.append(np.abs(guess - truth).mean())
         corr_rows.append(f"| {label} | {np.mean(errors):.2f} |")
     energies = [e for run in per_seed for e in run["energy"]]
-    corr_rows.append(f"\nEnergy/CO2: {'measured' if all(e is not None for e in energies) else 'not measured (no tracker installed)'}.")
+    measured = all(e is not None for e in energies)
+    corr_rows.append(f"\nEnergy/CO2: {'measured' if measured else 'not measured (no tracker installed)'}.")
     return levels_rows, corr_rows
 
 

@@ -29,7 +29,6 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import torch
@@ -134,7 +133,7 @@ def trained_model_table(epochs: int) -> list[str]:
                 fit = fit_dpgmm(acts[n][name], y_all[:n], backend=backend)
                 cells.append(f"{fit.n_clusters} / {fit.nmi:.2f} / {fit.ari:.2f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    x, y = x_all[:512], y_all[:512]
+    y = y_all[:512]
     rec_512 = acts[512]
     rows += ["", "Width of the PCA before the fit (n=512, torch):", "",
              "| layer | max_dims=4: clusters / NMI / ARI | max_dims=8 (default) | max_dims=16 |", "|---|---|---|---|"]

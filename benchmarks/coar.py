@@ -63,8 +63,9 @@ def compare_methods(model, comps, x, y, alphas, n_masks, n_eval):
         masks = C.sample_keep_masks(n_masks, len(comps), alpha, sampler)
         margins, t_collect = timed(C.margins_under_masks, model, comps, x, y, masks)
         (w, b), t_solve = timed(C.solve_attributions, masks, margins)
-        corr = C.heldout_correlation(model, comps, x, y, {"coar": (w, b), "loo": loo, "gxp": gxp}, n_eval, alpha, seed=1)
-        rows.append((alpha, mean_corr(corr["coar"]), mean_corr(corr["loo"]), mean_corr(corr["gxp"]), t_collect + t_solve))
+        fitted = {"coar": (w, b), "loo": loo, "gxp": gxp}
+        corr = C.heldout_correlation(model, comps, x, y, fitted, n_eval, alpha, seed=1)
+        rows.append((alpha, *(mean_corr(corr[k]) for k in ("coar", "loo", "gxp")), t_collect + t_solve))
         kept[alpha] = (masks, margins, t_collect)
     return rows, t_loo, t_gxp, kept
 
@@ -98,7 +99,8 @@ def edit_examples(model, data, n_masks, n_targets, n_reference):
     reference = torch.arange(len(wrong), len(x))
     rows = []
     for i, test_index in enumerate(wrong.tolist()):
-        result = C.edit(model, coar.components_, coar.attributions_, x, y, torch.tensor([i]), reference, max_components=10)
+        result = C.edit(model, coar.components_, coar.attributions_, x, y, torch.tensor([i]), reference,
+                        max_components=10)
         rest = torch.ones(len(data.x_test), dtype=torch.bool)
         rest[test_index] = False
         with torch.no_grad():
@@ -141,14 +143,15 @@ def callback_overhead(epochs: int = 20, repeats: int = 2) -> None:
         on_train_epoch_end = timing(ComponentAttribution.on_train_epoch_end)
         setup = timing(ComponentAttribution.setup)
 
-    print(f"| run | fit wall (s) | inside ComponentAttribution (s) | share of the fit |\n|---|---|---|---|")
+    print("| run | fit wall (s) | inside ComponentAttribution (s) | share of the fit |\n|---|---|---|---|")
     for repeat in range(repeats):
         for use in (False, True):
             root = Path(tempfile.mkdtemp())
             torch.manual_seed(0)
             callbacks = [ModelCheckpoint(dirpath=root / "ckpt")] + ([Timed()] if use else [])
-            trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, default_root_dir=root,
-                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+            trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks,
+                              default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                              num_sanity_val_steps=0)
             spent.clear()
             _, wall = timed(trainer.fit, DigitsCNN(), DigitsDataModule())
             name = "with ComponentAttribution()" if use else "without"
@@ -182,7 +185,8 @@ def main() -> None:
           f"{args.masks} fitting masks, {args.eval_masks} fresh evaluation masks per alpha\n")
 
     rows, t_loo, t_gxp, kept = compare_methods(model, comps, x, y, (0.05, 0.1, 0.15), args.masks, args.eval_masks)
-    print("| alpha | COAR corr | leave-one-out corr | grad x param corr | COAR time (s) | LOO time (s) | GxP time (s) |")
+    print("| alpha | COAR corr | leave-one-out corr | grad x param corr | COAR time (s) | LOO time (s) "
+          "| GxP time (s) |")
     print("|---|---|---|---|---|---|---|")
     for alpha, coar, loo, gxp, t in rows:
         print(f"| {alpha:.2f} | **{coar:.3f}** | {loo:.3f} | {gxp:.3f} | {t:.1f} | {t_loo:.1f} | {t_gxp:.2f} |")

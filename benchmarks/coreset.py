@@ -44,7 +44,15 @@ from lightning_interp.demo import DigitsCNN, load_digits_tensors
 from lightning_interp import LayerClusters
 from lightning_interp.methods import arm, coar
 from lightning_interp.methods.dpgmm import fit_dpgmm_many
-from lightning_interp.methods.coreset import SELECTORS, adaptive_coreset, fidelity, herding, kcenter_greedy, resolve_size, select_coreset
+from lightning_interp.methods.coreset import (
+    SELECTORS,
+    adaptive_coreset,
+    fidelity,
+    herding,
+    kcenter_greedy,
+    resolve_size,
+    select_coreset,
+)
 from _timing import best_time as _best_time
 
 
@@ -221,11 +229,12 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
     # the ceiling: the same full-set ARM with another draw of the input noise
     x_noisy2 = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     redraw = fidelity(full["arm_unit"], arm_result(model, x, x_noisy2).per_unit)
-    rows.append(f"| full set, another noise draw | 100% ({n}) | {redraw['spearman']:.3f} | {redraw['jaccard_top_k']:.3f}"
-                " | | | | | | | |")
+    rows.append(f"| full set, another noise draw | 100% ({n}) | {redraw['spearman']:.3f} | "
+                f"{redraw['jaccard_top_k']:.3f} | | | | | | | |")
     print(rows[-1], flush=True)
     header = ["| selector | fraction (n) | ARM unit ρ | ARM unit J@10% | ARM layer ρ | profile ρ | COAR ρ | COAR J@10% "
-              "| DP-GMM count rel. error | DP-GMM NMI abs. diff | select ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| DP-GMM count rel. error | DP-GMM NMI abs. diff | select ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     # time saved: the methods themselves on the full set vs on a coreset (selection is a one-off cost)
     pos10 = select_coreset("random", resolve_size(n, 0.1), n_total=n)
@@ -241,11 +250,14 @@ def demo_fidelity(epochs: int, n_masks: int, random_seeds: int, repeats: int) ->
         coar.fit_attributions(model, components, x[pos], splits.y_train[pos], n_masks=n_masks, seed=0)
         t_coar[fraction] = time.perf_counter() - start
     for name, t in (("ARM (forward clean + noisy, W1)", t_arm), (f"COAR fit ({n_masks} masks)", t_coar)):
-        timing.append(f"| {name} | {t[1.0]:.3f} | {t[0.05]:.3f} | {t[0.1]:.3f} | {t[0.3]:.3f} | {t[1.0] / t[0.1]:.1f}x |")
+        timing.append(f"| {name} | {t[1.0]:.3f} | {t[0.05]:.3f} | {t[0.1]:.3f} | {t[0.3]:.3f} | "
+                      f"{t[1.0] / t[0.1]:.1f}x |")
     print("\n".join(timing))
 
     adaptive = ["| selector | chosen size | Spearman | sizes tried (Spearman) |", "|---|---|---|---|"]
-    arm_units = lambda positions: arm_result(model, x[positions], x_noisy[positions]).per_unit
+    def arm_units(positions):
+        return arm_result(model, x[positions], x_noisy[positions]).per_unit
+
     for selector in SELECTORS:
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")

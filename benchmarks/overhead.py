@@ -76,7 +76,7 @@ def main() -> None:
         for name, seconds in per_callback.items():
             shares[name].append(seconds / base)
 
-    print(f"\n| pair | without callbacks (s) | with all four at defaults (s) | ratio |\n|---|---|---|---|")
+    print("\n| pair | without callbacks (s) | with all four at defaults (s) | ratio |\n|---|---|---|---|")
     for pair, base, full, ratio in rows:
         print(f"| {pair} | {base:.2f} | {full:.2f} | {ratio:.3f} |")
     print(f"\nwidth {args.width}: median ratio over {args.pairs} pairs: {statistics.median(ratios):.3f}")

@@ -106,6 +106,14 @@ def inputs_in_model_dtype(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+class LayersDidNotRun(ProbeDataError):
+    """Recorded layers whose forward hooks saw no output: ``forward()`` never called them."""
+
+    def __init__(self, message: str, layers: list[str]) -> None:
+        super().__init__(message)
+        self.layers = layers
+
+
 def output_tensor(model: nn.Module, output: object) -> torch.Tensor:
     """The forward pass's output as the one tensor the callbacks read, or a clear error naming what came back."""
     if isinstance(output, torch.Tensor):
@@ -189,7 +197,9 @@ class ProbeData:
         )
         yield from loader
 
-    def batches(self, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    def batches(
+        self, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         """Yield ``(x, y or None, dataset indices)`` with ``x`` and ``y`` on ``device``.
 
         The global RNG streams are restored when the iteration ends, so a dataset with random augmentation
@@ -270,9 +280,10 @@ def run_probe(
     activations = recorders[0].stacked()
     silent = [name for name in layers or {} if name not in activations]
     if silent:
-        raise ProbeDataError(
+        raise LayersDidNotRun(
             f"layer(s) {silent} never ran in {type(model).__name__}.forward (their hooks saw no output); "
-            f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}"
+            f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}",
+            silent,
         )
     head_inputs = recorders[1].stacked() if head is not None else {}
     if head is not None and head not in head_inputs:

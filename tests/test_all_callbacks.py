@@ -77,7 +77,8 @@ def test_arm_with_a_reselected_coreset_only_compares_the_same_samples(tmp_path):
 def test_true_half_precision_models_are_analysed(tmp_path):
     """precision="bf16-true" keeps float32 data but bf16 weights: every callback must still run (strict)."""
     callbacks = every_epoch_callbacks()
-    make_trainer(tmp_path, callbacks, max_epochs=2, precision="bf16-true").fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=2, precision="bf16-true")
+    trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
     assert len(callbacks[0].history_) == 1 and callbacks[1].scores_.isfinite().all()
     assert callbacks[2].correlation_ is not None and callbacks[3].results_
 
@@ -107,21 +108,27 @@ class WithAuxiliaryHead(DigitsCNN):
 def test_head_names_the_output_layer_when_the_last_registered_is_not(tmp_path):
     import pytest
 
-    from lightning_interp import ProbeDataError
+    from lightning_interp import InterpretationWarning, ProbeDataError
 
-    layers = ["conv*", "fc1"]
     callbacks = [
+        ARMDrift(head="fc2", strict=True),
         MirroredInfluence(every_n_epochs=1, head="fc2", strict=True),
         ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=60, n_eval_masks=10, probe_size=10,
-                             progress_bar=False, layers=layers, head="fc2", strict=True),
-        LayerClusters(every_n_epochs=1, probe_size=128, layers=layers, head="fc2", strict=True),
+                             progress_bar=False, layers=["conv*", "fc1"], head="fc2", strict=True),
+        LayerClusters(every_n_epochs=1, probe_size=128, probe_selector="kcenter", head="fc2", strict=True),
     ]
-    make_trainer(tmp_path, callbacks, max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule(n_leaked=3))
-    assert callbacks[0].scores_ is not None and callbacks[2].results_
-    assert not any(name.startswith(("fc2", "aux")) for name in callbacks[1].component_names_)
+    with pytest.warns(InterpretationWarning, match=r"leaves out \['aux'\]: forward\(\) never calls them") as caught:
+        make_trainer(tmp_path, callbacks, max_epochs=2).fit(WithAuxiliaryHead(), DigitsDataModule(n_leaked=3))
+    assert sum("leaves out" in str(w.message) for w in caught) == 2  # once each for ARMDrift and LayerClusters
+    assert set(callbacks[0].history_[-1]["per_layer"]) == {"conv1", "conv2", "conv3", "fc1"}
+    assert callbacks[1].scores_ is not None and set(callbacks[3].results_) == {"conv1", "conv2", "conv3", "fc1"}
+    assert not any(name.startswith(("fc2", "aux")) for name in callbacks[2].component_names_)
 
     guessed = MirroredInfluence(every_n_epochs=1, strict=True)  # the guess is 'aux', which never runs
     with pytest.raises(ProbeDataError, match="head was taken to be 'aux'.*head= argument"):
         make_trainer(tmp_path, [guessed], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule(n_leaked=3))
+    named = LayerClusters(every_n_epochs=1, layers=["aux"], strict=True)  # named by the user: an error, not a skip
+    with pytest.raises(ProbeDataError, match=r"layer\(s\) \['aux'\] never ran"):
+        make_trainer(tmp_path, [named], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule())
     with pytest.raises(ValueError, match="head='fc9' is not a module of WithAuxiliaryHead; available layers: conv1"):
         make_trainer(tmp_path, [LayerClusters(head="fc9")], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule())

@@ -140,7 +140,8 @@ def test_arm_rejects_different_input_shapes(trained):
 def test_cost_model_recovers_a_line_and_drops_missing_costs():
     arm = [0.0, 1.0, 2.0, 3.0, 4.0]
     fitted = ARMCostModel().fit(arm, [1.0, 3.0, None, 7.0, 9.0], target="energy_kwh")
-    assert fitted.n_samples_ == 4 and fitted.intercept_ == pytest.approx(1.0) and float(fitted.coef_[0]) == pytest.approx(2.0)
+    assert fitted.n_samples_ == 4 and fitted.intercept_ == pytest.approx(1.0)
+    assert float(fitted.coef_[0]) == pytest.approx(2.0)
     assert fitted.spearman_ == pytest.approx(1.0)
     torch.testing.assert_close(fitted.predict([5.0, -10.0]), torch.tensor([11.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="at least 2 pairs with a measured energy_kwh; got 1"):
@@ -263,7 +264,8 @@ def test_nonfinite_layer_skipped_with_one_warning_and_wrong_shift_shape_named(tm
     assert sum("skips layer 'fc1'" in m for m in messages) == 1
     assert len(nan_layer.history_) == 2
     assert all(set(r["per_layer"]) == {"conv1", "conv2", "conv3"} for r in nan_layer.history_)
-    shape_msgs = [m for m in messages if "shift_data inputs have shape (1, 8, 9) but the probe's inputs have shape (1, 8, 8)" in m]
+    expected = "shift_data inputs have shape (1, 8, 9) but the probe's inputs have shape (1, 8, 8)"
+    shape_msgs = [m for m in messages if expected in m]
     assert len(shape_msgs) == 1 and wrong.history_ == []
 
 
@@ -290,7 +292,8 @@ def test_resume_without_the_reference_says_which_epoch_replaces_it(tmp_path, dm,
     make_trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(DigitsCNN(), dm)
     resumed = ARMDrift(reference=reference, keep_reference_in_checkpoint=False, strict=True)
     with pytest.warns(InterpretationWarning, match="reference activations of epoch .* were not in the checkpoint") as w:
-        make_trainer(tmp_path, [resumed], max_epochs=4).fit(DigitsCNN(), dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        make_trainer(tmp_path, [resumed], max_epochs=4).fit(DigitsCNN(), dm,
+                                                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert sum("were not in the checkpoint" in str(m.message) for m in w) == 1
     assert [(r["epoch"], r["reference_epoch"]) for r in resumed.history_] == expected
 

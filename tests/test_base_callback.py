@@ -9,7 +9,7 @@ from conftest import MeanActivation, assert_same_training, make_trainer, read_sc
 from lightning_interp import InterpretationAlert, InterpretationWarning
 from lightning_interp._lightning import ModelCheckpoint
 from lightning_interp.capture import LayerSelectionError
-from lightning_interp.demo import DigitsCNN, DigitsDataModule
+from lightning_interp.demo import DigitsCNN
 
 
 def test_never_disturbs_training_bit_for_bit(tmp_path):
@@ -115,7 +115,8 @@ def test_resume_keeps_history_and_alerts(tmp_path, datamodule):
         make_trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(DigitsCNN(), datamodule)
     resumed = MeanActivation(threshold=-1.0, probe_size=40, probe_selector="random")
     with pytest.warns(InterpretationWarning):
-        make_trainer(tmp_path, [resumed], max_epochs=3).fit(DigitsCNN(), datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        make_trainer(tmp_path, [resumed], max_epochs=3).fit(DigitsCNN(), datamodule,
+                                                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert [h["epoch"] for h in resumed.history_] == [0, 1, 2]
     assert [a.epoch for a in resumed.alerts_][:len(first.alerts_)] == [a.epoch for a in first.alerts_]
     assert torch.equal(resumed.coreset_["indices"], first.coreset_["indices"])  # the same probe after resume
@@ -135,15 +136,16 @@ def test_a_resumed_run_with_other_coreset_settings_chooses_again(tmp_path, datam
 
 
 def test_coreset_options_without_a_probe_size_are_named():
-    with pytest.warns(InterpretationWarning, match="probe_selector='kcenter', reselect_every_n_epochs=2 only apply to a "
-                                                   "coreset"):
+    with pytest.warns(InterpretationWarning,
+                      match="probe_selector='kcenter', reselect_every_n_epochs=2 only apply to a coreset"):
         MeanActivation(probe_selector="kcenter", reselect_every_n_epochs=2)
 
 
 def test_weights_only_checkpoints_warn_that_state_is_lost(tmp_path, datamodule):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
     with pytest.warns(InterpretationWarning, match="save_weights_only=True"):
-        make_trainer(tmp_path, [MeanActivation(), ckpt], max_epochs=1, enable_checkpointing=True).fit(DigitsCNN(), datamodule)
+        trainer = make_trainer(tmp_path, [MeanActivation(), ckpt], max_epochs=1, enable_checkpointing=True)
+        trainer.fit(DigitsCNN(), datamodule)
 
 
 def test_without_tensorboard_media_go_to_files_after_one_warning(tmp_path, datamodule):
@@ -221,7 +223,8 @@ def test_a_failing_write_is_one_warning_and_the_analysis_goes_on(tmp_path, datam
             trainer.logger.experiment.add_histogram = refuse
 
     cb = FullDisk()
-    with pytest.warns(InterpretationWarning, match=r"could not write probe_mean/outputs \(log_histogram\): No space") as w:
+    failed_write = r"could not write probe_mean/outputs \(log_histogram\): No space"
+    with pytest.warns(InterpretationWarning, match=failed_write) as w:
         make_trainer(tmp_path, [cb], max_epochs=2).fit(DigitsCNN(), datamodule)
     assert sum("could not write" in str(m.message) for m in w) == 1
     assert [h["epoch"] for h in cb.history_] == [0, 1]  # the analyses went on and logged their scalars

@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_interp.capture import ActivationRecorder, HeadInputRecorder, LayerSelectionError, find_head, select_layers
+from lightning_interp.capture import (
+    ActivationRecorder,
+    HeadInputRecorder,
+    LayerSelectionError,
+    find_head,
+    select_layers,
+)
 from lightning_interp.demo import DigitsCNN
 
 

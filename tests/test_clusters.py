@@ -277,7 +277,6 @@ def test_colorize_labels_gives_distinct_colours_and_black_for_skipped():
 import json  # noqa: E402
 import time  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
 from conftest import make_trainer, read_scalars, read_tags  # noqa: E402
 
 from lightning_interp import InterpretationWarning, LayerClusters  # noqa: E402
@@ -479,9 +478,11 @@ def test_projector_files_match_torchs_add_embedding(tmp_path):
     metadata, header = [[i, i % 3, "x"] for i in range(10)], ["index", "cluster", "note"]
     theirs, ours = SummaryWriter(str(tmp_path / "torch")), SummaryWriter(str(tmp_path / "ours"))
     for step, tag in [(3, "clusters/fc1"), (7, "clusters/fc1")]:
-        theirs.add_embedding(mat, metadata=metadata, metadata_header=header, label_img=images, global_step=step, tag=tag)
+        theirs.add_embedding(mat, metadata=metadata, metadata_header=header, label_img=images, global_step=step,
+                             tag=tag)
         write_projector_embedding(ours, tag, step, mat.numpy(), metadata, header, images)
-    assert (tmp_path / "ours/projector_config.pbtxt").read_text() == (tmp_path / "torch/projector_config.pbtxt").read_text()
+    config = "projector_config.pbtxt"
+    assert (tmp_path / "ours" / config).read_text() == (tmp_path / "torch" / config).read_text()
     for folder in ("00003/clusters%2ffc1", "00007/clusters%2ffc1"):
         a, b = tmp_path / "torch" / folder, tmp_path / "ours" / folder
         assert np.allclose(np.loadtxt(a / "tensors.tsv"), np.loadtxt(b / "tensors.tsv"), atol=1e-6)
@@ -501,7 +502,8 @@ def test_projector_files_go_through_tensorboards_file_systems():
     write_projector_embedding(writer, "clusters/fc1", 1, torch.randn(5, 3).numpy(), [[i] for i in range(5)], None,
                               torch.rand(5, 1, 8, 8))
     files = fsspec.filesystem("memory").find("/lightning-interp-test/run")
-    assert {f.rsplit("/", 1)[-1] for f in files} >= {"tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt"}
+    expected = {"tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt"}
+    assert {f.rsplit("/", 1)[-1] for f in files} >= expected
 
 
 def test_wide_layer_pca_is_seeded_and_leaves_the_global_rng_alone():

@@ -159,7 +159,8 @@ def test_batched_masks_equal_one_by_one_and_chunking_changes_nothing(convnet):
     masks = C.sample_keep_masks(9, len(comps), 0.2, torch.Generator().manual_seed(2))
     batched = C.margins_under_masks(convnet, comps, x, y, masks)
     with torch.no_grad():
-        one_by_one = torch.stack([C.margins(C.ablated_copy(convnet, comps, (~m).nonzero().flatten())(x), y) for m in masks])
+        one_by_one = torch.stack(
+            [C.margins(C.ablated_copy(convnet, comps, (~m).nonzero().flatten())(x), y) for m in masks])
     assert batched.shape == (9, 6)
     assert torch.allclose(batched, one_by_one, atol=1e-5)
     # a budget of 4 rows per forward pass: examples and masks are both chunked, same numbers
@@ -228,7 +229,8 @@ def test_coar_beats_baselines_on_a_nonlinear_model():
     comps = coar.components_
     base = C.heldout_correlation(
         model, comps, x, y,
-        {"loo": C.leave_one_out_attributions(model, comps, x, y), "gxp": C.grad_times_param_attributions(model, comps, x, y)},
+        {"loo": C.leave_one_out_attributions(model, comps, x, y),
+         "gxp": C.grad_times_param_attributions(model, comps, x, y)},
         n_masks=200, alpha=0.2, seed=1,
     )
     assert score > 0.8
@@ -300,7 +302,6 @@ def test_copy_model_detaches_the_trainer_reference():
 def _fit_demo(tmp_path, callbacks, max_epochs=2, checkpoint=True):
     from conftest import make_trainer
 
-    from lightning_interp import ComponentAttribution
 
     from lightning_interp._lightning import ModelCheckpoint
     from lightning_interp.demo import DigitsCNN, DigitsDataModule
@@ -320,7 +321,8 @@ def _small_callback(**kwargs):
     from lightning_interp import ComponentAttribution
 
     kwargs.setdefault("every_n_epochs", 1)
-    return ComponentAttribution(layers=["conv1", "fc1"], n_masks=120, n_eval_masks=20, probe_size=10, strict=True, **kwargs)
+    return ComponentAttribution(layers=["conv1", "fc1"], n_masks=120, n_eval_masks=20, probe_size=10, strict=True,
+                                **kwargs)
 
 
 def test_callback_at_checkpoints_logs_saves_alerts_and_leaves_training_alone(tmp_path):
@@ -340,7 +342,8 @@ def test_callback_at_checkpoints_logs_saves_alerts_and_leaves_training_alone(tmp
     ckpts = sorted((tmp_path / "a" / "ckpt").glob("*.ckpt"))
     saved = sorted((tmp_path / "a" / "ckpt").glob("*.components.pt"))
     assert len(ckpts) == 4
-    assert [p.name for p in saved] == [c.name.replace(".ckpt", ".components.pt") for c in ckpts if "epoch=1" in c.name or "epoch=3" in c.name]
+    analysed = [c for c in ckpts if "epoch=1" in c.name or "epoch=3" in c.name]
+    assert [p.name for p in saved] == [c.name.replace(".ckpt", ".components.pt") for c in analysed]
     record = torch.load(saved[-1])
     assert torch.equal(record["attributions"], callback.attributions_)
     assert record["component_names"] == callback.component_names_ and record["epoch"] == 3

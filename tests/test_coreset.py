@@ -105,7 +105,8 @@ def test_every_selector_returns_distinct_valid_positions_deterministically(selec
 @pytest.mark.parametrize("selector", ["random", "kcenter"])
 def test_seed_changes_seeded_selectors(selector):
     x, _ = clustered()
-    assert not torch.equal(select_coreset(selector, 20, features=x, seed=0), select_coreset(selector, 20, features=x, seed=1))
+    first, second = (select_coreset(selector, 20, features=x, seed=seed) for seed in (0, 1))
+    assert not torch.equal(first, second)
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
@@ -257,14 +258,19 @@ def test_adaptive_grows_geometrically_until_the_target():
 
 def test_adaptive_warns_when_the_target_is_never_reached():
     g = torch.Generator().manual_seed(0)
-    noise = lambda positions: torch.randn(20, generator=g)  # unrelated to the data: never faithful
+
+    def noise(positions):  # unrelated to the data: never faithful
+        return torch.randn(20, generator=g)
+
     with pytest.warns(UserWarning, match="target"):
         res = adaptive_coreset(noise, 100, "random", target=0.99, reference_fraction=0.5)
     assert not res.reached and res.size == 100 and res.reference_size == 50
 
 
 def test_adaptive_bad_arguments():
-    f = lambda positions: torch.arange(5.0)
+    def f(positions):
+        return torch.arange(5.0)
+
     with pytest.raises(ValueError, match="growth"):
         adaptive_coreset(f, 100, "random", growth=1.0)
     with pytest.raises(ValueError, match="target"):

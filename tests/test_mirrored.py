@@ -158,7 +158,8 @@ def test_batched_reference_step_equals_a_per_query_adam_step_on_a_model_copy(noi
         opt.step()
         with torch.no_grad():
             model.eval()
-            delta = (F.cross_entropy(clone(x), y, reduction="none") - F.cross_entropy(model(x), y, reduction="none")).abs()
+            after, before = (F.cross_entropy(m(x), y, reduction="none") for m in (clone, model))
+            delta = (after - before).abs()
         best = delta.topk(3)
         torch.testing.assert_close(result.influence[q], best.values, rtol=1e-3, atol=1e-6)
         assert result.train_index[q] == best.indices[0]
@@ -374,7 +375,8 @@ def test_scores_under_two_process_ddp_equal_single_process_scores(tmp_path):
 
 def test_queries_too_small_for_the_translations_are_compared_as_they_are():
     cb = MirroredInfluence(leak_shift_radius=1)
-    with pytest.warns(InterpretationWarning, match=r"too small for leak_shift_radius=1; they are compared untranslated"):
+    too_small = r"too small for leak_shift_radius=1; they are compared untranslated"
+    with pytest.warns(InterpretationWarning, match=too_small):
         views = cb._query_views(torch.zeros(3, 1, 1, 64))  # a 1-D signal stored as [N, C, 1, T]
     assert views.shape == (1, 3, 1, 1, 64)
     assert cb._query_views(torch.zeros(3, 1, 8, 8)).shape == (9, 3, 1, 8, 8)

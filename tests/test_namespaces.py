@@ -36,7 +36,8 @@ def test_lightning_pytorch_trainer_runs_logs_and_resumes(tmp_path):
 
     def trainer(callbacks, epochs):
         return L.Trainer(
-            max_epochs=epochs, accelerator="cpu", logger=L.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0),
+            max_epochs=epochs, accelerator="cpu",
+            logger=L.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0),
             callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
             default_root_dir=str(tmp_path),
         )

@@ -8,7 +8,14 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lightning_interp.capture import select_layers
 from lightning_interp.demo import DigitsCNN
-from lightning_interp.probe import ProbeCache, ProbeData, ProbeDataError, default_batch_to_xy, evaluation_mode, run_probe
+from lightning_interp.probe import (
+    ProbeCache,
+    ProbeData,
+    ProbeDataError,
+    default_batch_to_xy,
+    evaluation_mode,
+    run_probe,
+)
 
 
 class DictDataset(Dataset):
@@ -135,7 +142,8 @@ def test_layers_and_heads_that_never_run_are_named():
             return self.fc(x)
 
     model, probe = Unused(), ProbeData(TensorDataset(torch.rand(6, 4), torch.randint(0, 3, (6,))))
-    with pytest.raises(ProbeDataError, match=r"layer\(s\) \['aux'\] never ran in Unused.forward.*Layers that ran: \['fc'\]"):
+    never_ran = r"layer\(s\) \['aux'\] never ran in Unused.forward.*Layers that ran: \['fc'\]"
+    with pytest.raises(ProbeDataError, match=never_ran):
         run_probe(model, probe, {"fc": model.fc, "aux": model.aux})
     with pytest.raises(ProbeDataError, match="head was taken to be 'aux'.*never called it"):
         run_probe(model, probe, features=True)

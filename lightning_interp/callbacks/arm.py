@@ -404,7 +404,8 @@ class ARMDrift(InterpretationCallback):
         return {**charts, **super().scalar_charts()}
 
     def _log(self, record: dict[str, Any]) -> None:
-        scalars = {f"{self.tag}/aggregate": record["aggregate"], f"{self.tag}/settled_layers": len(self.settled_layers_)}
+        scalars = {f"{self.tag}/aggregate": record["aggregate"],
+                   f"{self.tag}/settled_layers": len(self.settled_layers_)}
         scalars.update({f"{self.tag}/layer/{n}": v for n, v in record["per_layer"].items()})
         self.reporter.log_scalars(scalars)
 
@@ -475,7 +476,8 @@ class ARMDrift(InterpretationCallback):
         }
         if self.keep_reference_in_checkpoint and self._references:
             state["reference_activations"] = {
-                source: {n: t.contiguous().clone() for n, t in acts.items()} for source, acts in self._references.items()
+                source: {n: t.contiguous().clone() for n, t in acts.items()}
+                for source, acts in self._references.items()
             }
         return state
 

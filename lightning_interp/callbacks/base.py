@@ -20,7 +20,15 @@ from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
 from ..capture import resolve_head, select_layers
 from ..distributed import gather_by_index, rank_zero_buffers, shard_positions
-from ..probe import BatchToXY, ProbeCache, ProbeData, ProbeDataError, ProbeOutputs, inputs_in_model_dtype
+from ..probe import (
+    BatchToXY,
+    LayersDidNotRun,
+    ProbeCache,
+    ProbeData,
+    ProbeDataError,
+    ProbeOutputs,
+    inputs_in_model_dtype,
+)
 from ..report import Reporter, markdown_table
 
 ProbeSource = Union[Literal["train", "val"], Dataset]
@@ -46,12 +54,13 @@ def loader_list(loaders) -> list:
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
-_WARNED_SEVERAL_LOADERS: set[tuple[int, str]] = set()
+_WARNED_SEVERAL_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> sources warned
 
 
 def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset."""
-    if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)):
+    map_style = hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)
+    if isinstance(source, Dataset) or map_style:
         return source  # type: ignore[return-value]
     if source not in ("train", "val"):
         raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {source!r}")
@@ -59,8 +68,9 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     if loaders is None and trainer.datamodule is not None:
         loaders = trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
     loaders = loader_list(loaders)
-    if len(loaders) > 1 and (id(trainer), source) not in _WARNED_SEVERAL_LOADERS:
-        _WARNED_SEVERAL_LOADERS.add((id(trainer), source))
+    warned = _WARNED_SEVERAL_LOADERS.setdefault(trainer, set())
+    if len(loaders) > 1 and source not in warned:
+        warned.add(source)
         warnings.warn(f"the trainer has {len(loaders)} {source} dataloaders; {source!r} here means the first one's "
                       "dataset (pass a Dataset to analyse another)", InterpretationWarning, stacklevel=2)
     dataset = getattr(next(iter(loaders), None), "dataset", None)
@@ -136,7 +146,8 @@ class InterpretationCallback(Callback):
             raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {probe!r}")
         if probe_size is not None:
             if isinstance(probe_size, bool) or not isinstance(probe_size, (int, float)):
-                raise ValueError(f"probe_size must be a fraction in (0, 1], a sample count, or None; got {probe_size!r}")
+                raise ValueError(
+                    f"probe_size must be a fraction in (0, 1], a sample count, or None; got {probe_size!r}")
             if isinstance(probe_size, float) and not 0.0 < probe_size <= 1.0:
                 raise ValueError(f"probe_size as a fraction must be in (0, 1], got {probe_size}")
             if isinstance(probe_size, int) and probe_size < 1:
@@ -181,6 +192,7 @@ class InterpretationCallback(Callback):
         self._probe_indices: torch.Tensor | None = None
         self._selected_epoch: int | None = None
         self._warned: set[str] = set()
+        self._silent_layers: set[str] = set()  # default layers found not to run in forward()
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
 
@@ -249,7 +261,8 @@ class InterpretationCallback(Callback):
 
     def _warn_if_schedule_unreachable(self, trainer, stage: str) -> None:
         max_epochs = trainer.max_epochs
-        if stage == "fit" and self.every_n_epochs > 0 and max_epochs is not None and 0 <= max_epochs < self.every_n_epochs:
+        unreachable = max_epochs is not None and 0 <= max_epochs < self.every_n_epochs
+        if stage == "fit" and self.every_n_epochs > 0 and unreachable:
             self.warn_once(
                 "schedule:unreachable",
                 f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}) never comes due within "
@@ -290,8 +303,15 @@ class InterpretationCallback(Callback):
         try:
             step = (trainer.global_step, trainer.current_epoch, trainer.state.stage)
             with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, step):
-                probe = self.resolve_probe(trainer, pl_module)
-                self.compute(trainer, pl_module, probe)
+                try:
+                    self.compute(trainer, pl_module, self.resolve_probe(trainer, pl_module))
+                except LayersDidNotRun as err:
+                    if self.layers is not None or not set(err.layers) - self._silent_layers:
+                        raise  # the user named them, or leaving them out did not help
+                    self._silent_layers.update(err.layers)  # an unused or auxiliary module: analyse the rest
+                    self.warn_once("layers:silent", f"{type(self).__name__} leaves out {err.layers}: forward() "
+                                   "never calls them (name the layers with layers=[...] to choose yourself)")
+                    self.compute(trainer, pl_module, self.resolve_probe(trainer, pl_module))
         except InterpretationAlert:
             raise
         except Exception as err:  # a failing analysis must never end the user's training run
@@ -343,8 +363,10 @@ class InterpretationCallback(Callback):
         return record
 
     def select_layers(self, pl_module) -> dict[str, nn.Module]:
-        """The layers this callback analyses (its ``layers`` globs, or Conv/Linear minus the output head)."""
-        return select_layers(pl_module, include=self.layers, head=self.head)
+        """The layers this callback analyses: its ``layers`` globs, or every Conv/Linear but the output head and
+        those found not to run in ``forward()``."""
+        chosen = select_layers(pl_module, include=self.layers, head=self.head)
+        return chosen if self.layers is not None else {n: m for n, m in chosen.items() if n not in self._silent_layers}
 
     def _check_layers(self, pl_module) -> None:
         self.select_layers(pl_module)  # fails fast at setup with the available layer names
@@ -413,8 +435,10 @@ class InterpretationCallback(Callback):
         logs; subclasses add theirs. Charts that could stay empty (no shift data, no coreset) are left out."""
         if self.probe_size is None:
             return {}
-        return {f"{self.tag}: coreset fidelity": [rf"{self.tag}/coreset/(spearman|jaccard_top_k)"],
-                f"{self.tag}: coreset size": [rf"{self.tag}/coreset/size"]}
+        charts = {f"{self.tag}: coreset size": [rf"{self.tag}/coreset/size"]}
+        if self.probe_fidelity:
+            charts[f"{self.tag}: coreset fidelity"] = [rf"{self.tag}/coreset/(spearman|jaccard_top_k)"]
+        return charts
 
     def analysed_epoch(self, trainer) -> int:
         """The epoch whose weights an analysis reads (a subclass that runs after training ends adjusts it)."""

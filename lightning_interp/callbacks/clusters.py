@@ -213,7 +213,8 @@ class LayerClusters(InterpretationCallback):
 
     # -- logging -------------------------------------------------------------------------------------------
     def scalar_charts(self) -> dict[str, list[str]]:
-        charts = {"clusters per layer": [r"clusters/.*/n_clusters"], "agreement with labels (NMI)": [r"clusters/.*/nmi"],
+        charts = {"clusters per layer": [r"clusters/.*/n_clusters"],
+                  "agreement with labels (NMI)": [r"clusters/.*/nmi"],
                   "agreement with labels (ARI)": [r"clusters/.*/ari"]}
         if self.label_map_images:
             charts["label-map clusters"] = [r"clusters/.*/position_clusters"]

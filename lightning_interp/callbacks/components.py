@@ -196,7 +196,8 @@ class ComponentAttribution(InterpretationCallback):
                     self._save([self._epoch_file(trainer)], trainer)
             finally:
                 self._after_training = False
-        if self.plot_every_n_runs is None and hasattr(self, "class_attributions_") and self._plotted_run != len(self.history_):
+        unplotted = hasattr(self, "class_attributions_") and self._plotted_run != len(self.history_)
+        if self.plot_every_n_runs is None and unplotted:
             try:
                 self._plot()
             except Exception as err:  # never fail the end of a finished run over a picture
@@ -250,7 +251,8 @@ class ComponentAttribution(InterpretationCallback):
         return weights.mean(0)
 
     def _progress(self, trainer, total: int):
-        show = self.progress_bar and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None
+        trainer_shows_bars = getattr(trainer, "progress_bar_callback", None) is not None
+        show = self.progress_bar and trainer.is_global_zero and trainer_shows_bars
         if not show:
             return contextlib.nullcontext(None)
         from tqdm.auto import tqdm
@@ -284,7 +286,8 @@ class ComponentAttribution(InterpretationCallback):
             for c, t, vals in zip(self.classes_, top, values)
         ]
         header = f"held-out correlation {self.correlation_:.3f} (alpha {self.alpha}, {self.n_masks} masks)\n\n"
-        self.reporter.log_text(f"{self.tag}/top_per_class", header + markdown_table(["class", f"top {k} components (attribution)"], rows))
+        table = markdown_table(["class", f"top {k} components (attribution)"], rows)
+        self.reporter.log_text(f"{self.tag}/top_per_class", header + table)
         if self.plot_every_n_runs is not None and len(self.history_) % self.plot_every_n_runs == 0:
             self._plot()
 
@@ -401,7 +404,8 @@ def _probe_tensors(probe: ProbeData, device: torch.device) -> tuple[torch.Tensor
     xs, ys, idx = [], [], []
     for x, y, index in probe.batches(device):
         if y is None:
-            raise ProbeDataError("ComponentAttribution needs class labels for the margins; the probe batches carry none")
+            raise ProbeDataError(
+                "ComponentAttribution needs class labels for the margins; the probe batches carry none")
         xs.append(x)
         ys.append(y)
         idx.append(index)

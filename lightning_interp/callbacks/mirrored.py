@@ -73,7 +73,8 @@ class MirroredInfluence(InterpretationCallback):
         log_top_k: rows of the flagged table and images of the gallery.
         **kwargs: the base options (``every_n_epochs`` default 10, ``probe`` default ``"train"``,
             ``probe_fidelity`` default ``False``: a coreset's samples are scored as in the full set, so only
-            its coverage is reported), ``probe_size``, ``alert_action``, ``strict``, ``batch_size``, ``batch_to_xy``, ...).
+            its coverage is reported), ``probe_size``, ``alert_action``, ``strict``, ``batch_size``,
+            ``batch_to_xy``, ...).
 
     Attributes:
         scores_: ``[len(train dataset)]`` accumulated scores by dataset index (NaN where never scored).
@@ -283,7 +284,8 @@ class MirroredInfluence(InterpretationCallback):
             return x[None]
         if min(x.shape[-2:]) <= self.leak_shift_radius:
             self.warn_once("leaks:too_small", f"MirroredInfluence: leak queries of spatial size {tuple(x.shape[-2:])} "
-                           f"are too small for leak_shift_radius={self.leak_shift_radius}; they are compared untranslated")
+                           f"are too small for leak_shift_radius={self.leak_shift_radius}; they are compared "
+                           "untranslated")
             return x[None]
         return translation_orbit(x, self.leak_shift_radius)
 
@@ -352,7 +354,8 @@ class MirroredInfluence(InterpretationCallback):
             return
         top, given, predicted, scores = self._last_flagged
         try:
-            x = torch.cat([b[0].cpu() for b in ProbeData(self.probe_.dataset, top, len(top), self.batch_to_xy).batches()])
+            shown = ProbeData(self.probe_.dataset, top, len(top), self.batch_to_xy)
+            x = torch.cat([b[0].cpu() for b in shown.batches()])
             if looks_like_images(x):
                 captions = [f"#{int(i)} y={int(g)} pred={int(p)}\n{float(s):.2f}"
                             for i, g, p, s in zip(top, given, predicted, scores)]

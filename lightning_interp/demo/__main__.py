@@ -49,7 +49,8 @@ def summarize(callbacks: list, datamodule: DigitsDataModule) -> list[str]:
         if name == "ARMDrift" and getattr(cb, "history_", None):
             last = cb.history_[-1]
             lines.append(f"ARMDrift: last epoch-to-epoch ARM {last['aggregate']:.4f}; "
-                         f"settled layers (freeze candidates): {list(getattr(cb, 'settled_layers_', [])) or 'none yet'}")
+                         "settled layers (freeze candidates): "
+                         f"{list(getattr(cb, 'settled_layers_', [])) or 'none yet'}")
         elif name == "MirroredInfluence" and getattr(cb, "flagged_", None) is not None:
             flagged = [int(i) for i in cb.flagged_]
             truth = set(splits.flipped.tolist())

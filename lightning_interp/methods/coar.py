@@ -159,7 +159,7 @@ def find_components(
         head: the output layer's name (default: the last Conv/Linear registered).
 
     Raises:
-        AblationError: no eligible component; the message names the module types the model has.
+        AblationError: no eligible component; the message lists the model's layers.
     """
     unknown = [t for t in layer_types if t not in LAYER_KINDS]
     if unknown or not layer_types:
@@ -186,7 +186,8 @@ def find_components(
         where = f" matching {list(include)}" if include is not None else ""
         head_note = f" (the output layer {head!r} is excluded)" if head else ""
         raise AblationError(
-            f"{type(model).__name__} has no {wanted} module{where}{head_note}. Available layers: {describe_layers(model)}"
+            f"{type(model).__name__} has no {wanted} module{where}{head_note}. "
+            f"Available layers: {describe_layers(model)}"
         )
     return Components(tuple(groups))
 
@@ -213,7 +214,9 @@ def _mask_channels(output: Tensor, keep: Tensor, channel_dim: int, name: str) ->
     return (grouped * keep.reshape(shape).to(device=grouped.device, dtype=grouped.dtype)).reshape(output.shape)
 
 
-_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+_MHA_ARGS = (
+    "query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal",
+)
 
 
 def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -384,9 +387,9 @@ def _forward_masked(model: nn.Module, components: Components, x: Tensor, y: Tens
     g = keep.shape[0]
     with ablate(model, components, keep):
         logits = output_tensor(model, model(x.repeat(g, *[1] * (x.dim() - 1))))
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        found = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise AblationError(f"margins need the model to return logits of shape [batch, classes], got {found}")
+    if logits.dim() != 2:
+        raise AblationError(f"margins need the model to return logits of shape [batch, classes], got "
+                            f"{tuple(logits.shape)}")
     return margins(logits.reshape(g, x.shape[0], -1), y.expand(g, -1))
 
 
@@ -622,14 +625,16 @@ class COAR:
             raise ValueError(f"n_masks must be >= 2, got {n_masks}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
-        self.alpha, self.n_masks, self.include, self.layer_types = float(alpha), int(n_masks), include, tuple(layer_types)
+        self.alpha, self.n_masks = float(alpha), int(n_masks)
+        self.include, self.layer_types = include, tuple(layer_types)
         self.exclude_head, self.max_batch_size, self.ridge, self.seed = exclude_head, int(max_batch_size), ridge, seed
 
     def fit(self, model: nn.Module, x: Tensor, y: Tensor, progress: Callable[[int], None] | None = None) -> COAR:
         self.components_ = find_components(model, self.include, self.layer_types, self.exclude_head)
         self.component_names_ = self.components_.names
         self.attributions_, self.bias_ = fit_attributions(
-            model, self.components_, x, y, self.n_masks, self.alpha, self.seed, self.max_batch_size, self.ridge, progress
+            model, self.components_, x, y, self.n_masks, self.alpha, self.seed, self.max_batch_size, self.ridge,
+            progress
         )
         return self
 
@@ -643,7 +648,8 @@ class COAR:
     ) -> float:
         """Mean per-example Pearson correlation on fresh masks (the examples must be those of :meth:`fit`)."""
         if len(x) != len(self.bias_):
-            raise ValueError(f"score needs the {len(self.bias_)} examples the attributions were fitted on, got {len(x)}")
+            raise ValueError(
+                f"score needs the {len(self.bias_)} examples the attributions were fitted on, got {len(x)}")
         corr = heldout_correlation(
             model, self.components_, x, y, {"coar": (self.attributions_, self.bias_)}, n_masks, self.alpha,
             self.seed + 1 if seed is None else seed, self.max_batch_size, progress,
@@ -663,7 +669,8 @@ def welch_t(target: Tensor, reference: Tensor) -> Tensor:
     term is taken as 0 (the statistic then compares it with the reference distribution).
     """
     if len(target) == 0 or len(reference) < 2:
-        raise ValueError(f"welch_t needs >= 1 target and >= 2 reference examples, got {len(target)} and {len(reference)}")
+        raise ValueError(
+            f"welch_t needs >= 1 target and >= 2 reference examples, got {len(target)} and {len(reference)}")
     var_t = target.var(0) if len(target) > 1 else torch.zeros_like(target[0])
     se = (var_t / len(target) + reference.var(0) / len(reference)).sqrt().clamp_min(1e-12)
     return (target.mean(0) - reference.mean(0)) / se

@@ -493,8 +493,9 @@ def adaptive_coreset(
     """Smallest coreset (on a geometric grid) whose interpretation matches a reference.
 
     ``score_fn(positions)`` computes the interpretation result (a score tensor, or ``{layer: scores}``
-    compared layer by layer, see :func:`fidelity`) on the rows at ``positions``. The reference is computed once, on all rows (``reference_fraction=1.0``) or on a
-    seeded uniform sample of ``reference_fraction`` of them. Starting at ``start_fraction`` of
+    compared layer by layer, see :func:`fidelity`) on the rows at ``positions``. The reference is computed
+    once, on all rows (``reference_fraction=1.0``) or on a seeded uniform sample of ``reference_fraction`` of
+    them. Starting at ``start_fraction`` of
     ``n_total``, the coreset grows by ``growth`` until ``fidelity(reference, scores)["spearman"] >=
     target`` or it holds every row; a warning says when the target was never reached. Cost: one
     ``score_fn`` call on the reference plus one per size tried (sizes sum to < growth/(growth-1)

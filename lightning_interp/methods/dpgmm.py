@@ -321,8 +321,8 @@ def fit_dpgmm_many(
     """:func:`fit_dpgmm` for several ``(x, classes, max_fit_rows)`` requests with the same options.
 
     On the torch backend, fits of the same shape run as one batch (one EM loop for all of them). A request
-    that cannot be fitted returns its ``ValueError`` in its place, so one bad layer does not stop the others. With ``names`` (one per request), each warning a
-    request causes starts with its name.
+    that cannot be fitted returns its ``ValueError`` in its place, so one bad layer does not stop the others.
+    With ``names`` (one per request), each warning a request causes starts with its name.
     """
     check_fit_options(truncation=truncation, concentration=concentration, max_dims=max_dims,
                       weight_cutoff=weight_cutoff, covariance_type=covariance_type, init_params=init_params,
