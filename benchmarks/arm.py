@@ -116,6 +116,26 @@ def cka_distance(model, clean: torch.Tensor, shifted: torch.Tensor) -> float:
     return float(np.mean([1.0 - linear_cka(acts_clean[k], acts_shift[k]) for k in layers]))
 
 
+def leave_one_seed_out_rows(per_seed: list[dict]) -> list[str]:
+    """Mean absolute error of a linear cost model fitted on the other seeds, per predictor."""
+    rows = ["", "| linear cost model, leave one seed out | mean abs. error (epochs) |", "|---|---|"]
+    for label, key in [("ARMCostModel on ARM", "arm"), ("same fit on accuracy drop", "acc_drop"),
+                       ("same fit on 1 - CKA", "cka"), ("constant: mean epochs of the other seeds", None)]:
+        errors = []
+        for held_out in range(len(per_seed)):
+            rest = [run for i, run in enumerate(per_seed) if i != held_out]
+            truth = np.asarray(per_seed[held_out]["epochs"], dtype=float)
+            if key is None:
+                guess = np.full_like(truth, np.mean([run["epochs"] for run in rest]))
+            else:
+                model = ARMCostModel().fit([v for run in rest for v in run[key]],
+                                           [v for run in rest for v in run["epochs"]], target="epochs")
+                guess = model.predict(per_seed[held_out][key]).numpy()
+            errors.append(np.abs(guess - truth).mean())
+        rows.append(f"| {label} | {np.mean(errors):.2f} |")
+    return rows
+
+
 def validity_table(seeds: list[int], levels: list[float], max_epochs: int) -> tuple[list[str], list[str]]:
     per_seed = []
     for seed in seeds:
@@ -167,21 +187,8 @@ def validity_table(seeds: list[int], levels: list[float], max_epochs: int) -> tu
         f"| ARM, pooled ({len(pooled_arm)} seed x level pairs) | {spearmanr(pooled_arm, pooled_epochs)[0]:.3f} | "
         f"{pearsonr(pooled_arm, pooled_epochs)[0]:.3f} |"
     )
-    corr_rows += ["", "| linear cost model, leave one seed out | mean abs. error (epochs) |", "|---|---|"]
-    for label, key in [("ARMCostModel on ARM", "arm"), ("same fit on accuracy drop", "acc_drop"),
-                       ("same fit on 1 - CKA", "cka"), ("constant: mean epochs of the other seeds", None)]:
-        errors = []
-        for held_out in range(len(per_seed)):
-            rest = [run for i, run in enumerate(per_seed) if i != held_out]
-            truth = np.asarray(per_seed[held_out]["epochs"], dtype=float)
-            if key is None:
-                guess = np.full_like(truth, np.mean([run["epochs"] for run in rest]))
-            else:
-                model = ARMCostModel().fit([v for run in rest for v in run[key]],
-                                           [v for run in rest for v in run["epochs"]], target="epochs")
-                guess = model.predict(per_seed[held_out][key]).numpy()
-            errors.append(np.abs(guess - truth).mean())
-        corr_rows.append(f"| {label} | {np.mean(errors):.2f} |")
+    if len(per_seed) > 1:  # leaving one seed out needs another to fit on
+        corr_rows += leave_one_seed_out_rows(per_seed)
     energies = [e for run in per_seed for e in run["energy"]]
     measured = all(e is not None for e in energies)
     corr_rows.append(f"\nEnergy/CO2: {'measured' if measured else 'not measured (no tracker installed)'}.")
