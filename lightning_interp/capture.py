@@ -92,13 +92,30 @@ def pool_spatial(activation: torch.Tensor) -> torch.Tensor:
     return activation.flatten(2).mean(dim=2)
 
 
-def samples_first(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (an output or input of ``module``) with the sample axis first: sequence-first attention,
-    transformer and recurrent layers (``batch_first=False``) produce ``[T, N, E]``."""
-    batch_first = getattr(module, "batch_first", None)
-    if batch_first is None and isinstance(getattr(module, "self_attn", None), nn.MultiheadAttention):
-        batch_first = module.self_attn.batch_first  # Transformer*Layer keeps the flag on its attention
-    return tensor.transpose(0, 1) if batch_first is False and tensor.dim() == 3 else tensor
+def _batch_first_flag(module: nn.Module) -> bool | None:
+    flag = getattr(module, "batch_first", None)
+    if flag is None and isinstance(getattr(module, "self_attn", None), nn.MultiheadAttention):
+        flag = module.self_attn.batch_first  # Transformer*Layer keeps the flag on its attention
+    return flag if isinstance(flag, bool) else None
+
+
+def sequence_first_layers(model: nn.Module) -> set[str]:
+    """Names of the modules that see sequence-first tensors ``[T, N, ...]``: attention, transformer and recurrent
+    layers built with ``batch_first=False``, and every module inside them (their Linear layers too)."""
+    names = set()
+    for name, module in model.named_modules():
+        if _batch_first_flag(module) is False:
+            names.add(name)
+            names.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+    return names
+
+
+def samples_first(module: nn.Module, tensor: torch.Tensor, sequence_first: bool | None = None) -> torch.Tensor:
+    """``tensor`` (an output or input of ``module``) with the sample axis first. ``sequence_first`` (default:
+    the module's own ``batch_first`` flag) says it is ``[T, N, E]``."""
+    if sequence_first is None:
+        sequence_first = _batch_first_flag(module) is False
+    return tensor.transpose(0, 1) if sequence_first and tensor.dim() == 3 else tensor
 
 
 def pool_units(module: nn.Module, activation: torch.Tensor) -> torch.Tensor:
@@ -130,6 +147,7 @@ class ActivationRecorder:
     ) -> None:
         self.model = model
         self.layers = dict(layers)
+        self.sequence_first = sequence_first_layers(model) & set(self.layers)
         self.pool = pool
         self.to_cpu = to_cpu
         self.store: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
@@ -139,7 +157,7 @@ class ActivationRecorder:
         def record(module: nn.Module, _inputs, output) -> None:
             if isinstance(output, (tuple, list)):  # e.g. MultiheadAttention returns (output, weights)
                 output = output[0]
-            out = samples_first(module, output.detach())
+            out = samples_first(module, output.detach(), name in self.sequence_first)
             if self.pool:
                 out = pool_units(module, out)
             self.store[name].append(out.cpu() if self.to_cpu else out)
@@ -183,7 +201,8 @@ class HeadInputRecorder(ActivationRecorder):
         (name, module), = self.layers.items()
 
         def record(module: nn.Module, inputs) -> None:
-            out = pool_units(module, samples_first(module, inputs[0].detach())).flatten(1)
+            out = samples_first(module, inputs[0].detach(), name in self.sequence_first)
+            out = pool_units(module, out).flatten(1)
             self.store[name].append(out.cpu() if self.to_cpu else out)
 
         self._handles.append(module.register_forward_pre_hook(record))

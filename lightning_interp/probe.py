@@ -285,6 +285,14 @@ def run_probe(
             f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}",
             silent,
         )
+    n_samples = sum(len(o) for o in outputs)
+    misread = {name: tuple(act.shape) for name, act in activations.items() if pool and len(act) != n_samples}
+    if misread:
+        raise ProbeDataError(
+            f"layer(s) {misread} recorded a number of rows other than the {n_samples} samples: their outputs are not "
+            "batch-first (e.g. a module applied to [sequence, batch, features] tensors outside an attention or "
+            "recurrent layer built with batch_first=False); choose other layers with layers=[...]"
+        )
     head_inputs = recorders[1].stacked() if head is not None else {}
     if head is not None and head not in head_inputs:
         raise ProbeDataError(

@@ -108,3 +108,11 @@ def test_transformer_and_recurrent_layers_record_samples_by_features(batch_first
     with ActivationRecorder(nn.ModuleDict(layers), layers) as rec:
         layers["lstm"](layers["encoder"](tokens))
     assert rec.stacked()["encoder"].shape == (8, 6) and rec.stacked()["lstm"].shape == (8, 5)
+
+
+def test_linear_layers_inside_a_sequence_first_transformer_record_samples_by_features():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(6, 2, 12, batch_first=False))
+    with ActivationRecorder(model, {"0.linear1": model[0].linear1, "0.linear2": model[0].linear2}) as rec:
+        model(torch.randn(5, 8, 6))  # 5 positions of 8 samples
+    assert rec.stacked()["0.linear1"].shape == (8, 12) and rec.stacked()["0.linear2"].shape == (8, 6)

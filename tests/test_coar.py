@@ -167,6 +167,31 @@ def test_batched_masks_equal_one_by_one_and_chunking_changes_nothing(convnet):
     assert torch.allclose(C.margins_under_masks(convnet, comps, x, y, masks, max_batch_size=4), batched, atol=1e-5)
 
 
+class SequenceFirstClassifier(nn.Module):
+    """Tokens [N, T, D] through a transformer layer built with batch_first=False, mean-pooled, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x.transpose(0, 1)).mean(0))
+
+
+def test_layers_inside_a_sequence_first_transformer_are_ablated_per_sample():
+    torch.manual_seed(0)
+    model = SequenceFirstClassifier().eval()
+    comps = C.find_components(model, include=["encoder.linear*"])
+    x, y = torch.randn(4, 4, 8), torch.randint(0, 3, (4,))  # as many positions as samples: shapes alone can't tell
+    masks = C.sample_keep_masks(4, len(comps), 0.3, torch.Generator().manual_seed(1))
+    batched = C.margins_under_masks(model, comps, x, y, masks)
+    with torch.no_grad():
+        one_by_one = torch.stack(
+            [C.margins(C.ablated_copy(model, comps, (~m).nonzero().flatten())(x), y) for m in masks])
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+
+
 def test_ablation_leaves_the_model_untouched_even_when_the_forward_fails(convnet):
     comps = C.find_components(convnet)
     convnet.train()

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import describe_layers, resolve_head
+from ..capture import describe_layers, resolve_head, sequence_first_layers
 from ..probe import evaluation_mode, output_tensor
 
 __all__ = [
@@ -263,7 +263,7 @@ def _mask_heads(mha: nn.MultiheadAttention, call: dict, output: tuple, keep: Ten
     return (merged, *output[1:])
 
 
-def _ablation_hook(group: ComponentGroup, keep: Tensor) -> Callable:
+def _ablation_hook(group: ComponentGroup, keep: Tensor, sequence_first: bool) -> Callable:
     columns = keep[:, group.columns]
     if group.kind == "head":
 
@@ -275,6 +275,8 @@ def _ablation_hook(group: ComponentGroup, keep: Tensor) -> Callable:
     channel_dim = 1 if group.kind == "channel" else -1
 
     def hook(module, args, output):
+        if sequence_first and output.dim() == 3:  # [T, G * B, ...] inside a batch_first=False layer
+            return _mask_channels(output.transpose(0, 1), columns, channel_dim, group.name).transpose(0, 1)
         return _mask_channels(output, columns, channel_dim, group.name)
 
     return hook
@@ -295,10 +297,11 @@ def ablate(model: nn.Module, components: Components, keep: Tensor) -> Iterator[n
     if keep.shape[-1] != len(components):
         raise AblationError(f"keep masks have {keep.shape[-1]} columns but there are {len(components)} components")
     handles = []
+    sequence_first = sequence_first_layers(model)
     try:
         for group in components.groups:
             module = model.get_submodule(group.name)
-            hook = _ablation_hook(group, keep)
+            hook = _ablation_hook(group, keep, group.name in sequence_first)
             handles.append(
                 module.register_forward_hook(hook, with_kwargs=True)
                 if group.kind == "head" else module.register_forward_hook(hook)
