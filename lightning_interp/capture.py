@@ -68,7 +68,12 @@ def select_layers(
             )
         return chosen
     head = resolve_head(model, head, layer_types) if exclude_head else None
-    chosen = {name: m for name, m in modules if isinstance(m, tuple(layer_types)) and name != head}
+    inside_attention = {  # e.g. out_proj: MultiheadAttention calls its weights directly, so no hook would fire
+        f"{name}.{sub}" for name, m in modules if isinstance(m, nn.MultiheadAttention) for sub, _ in m.named_modules()
+        if sub
+    }
+    chosen = {name: m for name, m in modules
+              if isinstance(m, tuple(layer_types)) and name != head and name not in inside_attention}
     if not chosen:
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise LayerSelectionError(

@@ -18,7 +18,7 @@ from .capture import ActivationRecorder, HeadInputRecorder, resolve_head
 
 BatchToXY = Callable[[object], tuple[torch.Tensor, "torch.Tensor | None"]]
 
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "features", "data")
+_INPUT_KEYS = ("x", "input", "inputs", "input_ids", "image", "images", "pixel_values", "features", "data")
 _LABEL_KEYS = ("y", "label", "labels", "target", "targets", "class", "classes")
 
 

@@ -184,6 +184,8 @@ def test_a_failing_analysis_warns_once_and_training_continues(tmp_path, datamodu
         trainer.fit(DigitsCNN(), datamodule)
     assert trainer.current_epoch == 3
     assert sum("activations contain NaN" in str(w.message) for w in record) == 1
+    assert [s["epoch"] for s in cb.skipped_] == [0, 1, 2]  # the later skips are listed, not hidden
+    assert cb.skipped_[0]["error"] == "RuntimeError: activations contain NaN"
     with pytest.raises(RuntimeError, match="NaN"):
         make_trainer(tmp_path, [Broken(strict=True)], max_epochs=1).fit(DigitsCNN(), datamodule)
 
@@ -231,3 +233,25 @@ def test_a_failing_write_is_one_warning_and_the_analysis_goes_on(tmp_path, datam
     assert "probe_mean/conv1" in read_scalars(tmp_path / "tb")
     with pytest.raises(OSError, match="No space"):
         make_trainer(tmp_path, [FullDisk(strict=True)], max_epochs=1).fit(DigitsCNN(), datamodule)
+
+
+def test_batch_transfer_hooks_the_probes_skip_are_named_once(tmp_path, datamodule):
+    class Normalising(DigitsCNN):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return (x - 0.5) / 0.5, y
+
+    skipped_hooks = "Normalising defines on_after_batch_transfer; .* do not run them"
+    with pytest.warns(InterpretationWarning, match=skipped_hooks) as w:
+        make_trainer(tmp_path, [MeanActivation(), MeanActivation(probe="train")], max_epochs=1).fit(
+            Normalising(), datamodule)
+    ours = [m for m in w if issubclass(m.category, InterpretationWarning) and "batch_transfer" in str(m.message)]
+    assert len(ours) == 1
+
+    def normalised(batch):
+        x, y = batch
+        return (x - 0.5) / 0.5, y
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*on_after_batch_transfer", category=InterpretationWarning)
+        make_trainer(tmp_path, [MeanActivation(batch_to_xy=normalised)], max_epochs=1).fit(Normalising(), datamodule)

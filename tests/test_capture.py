@@ -116,3 +116,8 @@ def test_linear_layers_inside_a_sequence_first_transformer_record_samples_by_fea
     with ActivationRecorder(model, {"0.linear1": model[0].linear1, "0.linear2": model[0].linear2}) as rec:
         model(torch.randn(5, 8, 6))  # 5 positions of 8 samples
     assert rec.stacked()["0.linear1"].shape == (8, 12) and rec.stacked()["0.linear2"].shape == (8, 6)
+
+
+def test_default_selection_leaves_out_the_insides_of_attention():
+    model = nn.Sequential(nn.MultiheadAttention(6, 2), nn.Linear(6, 6), nn.Linear(6, 2))
+    assert list(select_layers(model)) == ["1"]  # not 0.out_proj: attention calls its weights directly

@@ -344,6 +344,10 @@ def test_sharp_change_alert_and_state_round_trip(trained):
     cb._check_alerts(trainer, {"fc1": {"n_clusters": 20}}, {"fc1": 8})
     cb._check_alerts(trainer, {"fc1": {"n_clusters": 9}}, {"fc1": 8})
     assert len(cb.alerts_) == before + 1 and "from 8 to 20" in cb.alerts_[-1].message
+    cb._check_alerts(trainer, {"conv1": {"n_clusters": 1, "position_clusters": 3}}, {})  # positions still differ
+    assert len(cb.alerts_) == before + 1
+    cb._check_alerts(trainer, {"conv1": {"n_clusters": 1, "position_clusters": 1}}, {})
+    assert len(cb.alerts_) == before + 2 and "collapsed to one cluster" in cb.alerts_[-1].message
     state = cb.state_dict()
     fresh = LayerClusters()
     fresh.load_state_dict(state)
@@ -519,3 +523,17 @@ def test_wide_layer_pca_is_seeded_and_leaves_the_global_rng_alone():
     torch.testing.assert_close(again, first)
     exact = torch.linalg.svdvals(x - x.mean(0))[:8].pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert abs(kept - float(exact)) < 0.01 * float(exact)
+
+
+def test_a_probe_smaller_than_probe_size_is_analysed_whole_after_one_warning(tmp_path):
+    from conftest import make_trainer
+    from torch.utils.data import TensorDataset
+
+    from lightning_interp import LayerClusters
+    from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+    small = TensorDataset(torch.rand(300, 1, 8, 8), torch.randint(0, 10, (300,)))
+    cb = LayerClusters(every_n_epochs=1, probe=small, strict=True)
+    with pytest.warns(InterpretationWarning, match="probe_size=512 exceeds the probe's 300 samples; the whole probe"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), DigitsDataModule())
+    assert len(cb.probe_) == 300 and cb.results_ and cb.coreset_ is None

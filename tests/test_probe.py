@@ -34,6 +34,7 @@ def test_batch_conventions():
     assert default_batch_to_xy((x, y))[1] is y
     assert default_batch_to_xy([x])[1] is None
     assert default_batch_to_xy({"pixel_values": x, "labels": y})[0] is x
+    assert default_batch_to_xy({"input_ids": y, "attention_mask": y, "labels": y})[0] is y  # text batches
     assert default_batch_to_xy(x)[1] is None
     with pytest.raises(ProbeDataError, match=r"keys \['foo'\].*batch_to_xy"):
         default_batch_to_xy({"foo": x})

@@ -54,7 +54,26 @@ def loader_list(loaders) -> list:
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
-_WARNED_SEVERAL_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> sources warned
+_WARNED_PER_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> warning keys given
+
+
+def warn_once_per_trainer(trainer, key: str, message: str) -> None:
+    """One warning per trainer for ``key``, whichever of its callbacks meets the cause first."""
+    given = _WARNED_PER_TRAINER.setdefault(trainer, set())
+    if key not in given:
+        given.add(key)
+        warnings.warn(message, InterpretationWarning, stacklevel=3)
+
+
+_BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def overridden_batch_hooks(pl_module) -> list[str]:
+    """The batch-transfer hooks the module's own class defines (not Lightning's defaults)."""
+    def owner(name: str) -> str:
+        return next(c.__module__ for c in type(pl_module).__mro__ if name in c.__dict__)
+
+    return [name for name in _BATCH_HOOKS if not owner(name).startswith(("pytorch_lightning", "lightning"))]
 
 
 def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
@@ -68,11 +87,9 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     if loaders is None and trainer.datamodule is not None:
         loaders = trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
     loaders = loader_list(loaders)
-    warned = _WARNED_SEVERAL_LOADERS.setdefault(trainer, set())
-    if len(loaders) > 1 and source not in warned:
-        warned.add(source)
-        warnings.warn(f"the trainer has {len(loaders)} {source} dataloaders; {source!r} here means the first one's "
-                      "dataset (pass a Dataset to analyse another)", InterpretationWarning, stacklevel=2)
+    if len(loaders) > 1:
+        warn_once_per_trainer(trainer, f"loaders:{source}", f"the trainer has {len(loaders)} {source} dataloaders; "
+                              f"{source!r} here means the first one's dataset (pass a Dataset to analyse another)")
     dataset = getattr(next(iter(loaders), None), "dataset", None)
     if dataset is None:
         raise ProbeDataError(
@@ -112,6 +129,7 @@ class InterpretationCallback(Callback):
         probe_: the resolved probe (dataset and indices) last analysed.
         coreset_: the last coreset selection: epoch, probe_size, selector, balance, size, of (probe length),
             indices and fidelity.
+        skipped_: ``{"epoch", "error"}`` of every analysis that failed and was skipped (one warning per cause).
     """
 
     tag: ClassVar[str] = "interp"
@@ -193,6 +211,7 @@ class InterpretationCallback(Callback):
         self._selected_epoch: int | None = None
         self._warned: set[str] = set()
         self._silent_layers: set[str] = set()  # default layers found not to run in forward()
+        self.skipped_: list[dict[str, Any]] = []
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
 
@@ -246,6 +265,15 @@ class InterpretationCallback(Callback):
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer, strict=self.strict)
         self._check_layers(pl_module)
+        hooks = overridden_batch_hooks(pl_module)
+        if hooks and self.batch_to_xy is None:
+            warn_once_per_trainer(
+                trainer, "batch_hooks",
+                f"{type(pl_module).__name__} defines {', '.join(hooks)}; lightning_interp's probes read batches "
+                "straight from the dataset and do not run them (Lightning runs them on training batches too, with any "
+                "augmentation). If they normalise or reshape inputs, pass batch_to_xy= doing the same, or move that "
+                "step into forward(); otherwise the analyses see different inputs than the model does",
+            )
         weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
         if weights_only and "weights_only" not in self._warned:
             self._warned.add("weights_only")
@@ -317,10 +345,12 @@ class InterpretationCallback(Callback):
         except Exception as err:  # a failing analysis must never end the user's training run
             if self.strict:
                 raise
+            self.skipped_.append({"epoch": trainer.current_epoch, "error": f"{type(err).__name__}: {err}"})
             self.warn_once(
                 f"error:{type(err).__name__}:{err}",
                 f"{type(self).__name__} skipped epoch {trainer.current_epoch}: {err}. Training continues "
-                "(strict=True raises instead).",
+                "(strict=True raises instead); later analyses failing the same way are listed in skipped_ "
+                "without another warning.",
             )
         if self.alert_action == "stop":
             should_stop = trainer.strategy.reduce_boolean_decision(self.policy.stop_requested, all=False)
@@ -394,7 +424,13 @@ class InterpretationCallback(Callback):
         """The probe to analyse now: the whole probe set, or its coreset (chosen on schedule)."""
         dataset = resolve_dataset(trainer, self.probe)
         full = ProbeData(dataset, batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
-        if self.probe_size is None:
+        whole = self.probe_size is None
+        if isinstance(self.probe_size, int) and self.probe_size >= len(full):
+            whole = True
+            if self.probe_size > len(full):
+                self.warn_once("probe_size:larger", f"{type(self).__name__}: probe_size={self.probe_size} exceeds the "
+                               f"probe's {len(full)} samples; the whole probe is analysed")
+        if whole:
             self.probe_ = full
             return full
         epoch = self.analysed_epoch(trainer)

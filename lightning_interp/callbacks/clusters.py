@@ -49,7 +49,8 @@ class LayerClusters(InterpretationCallback):
         every_n_epochs: run at the end of every n-th training epoch (one analysis takes about 0.15 s on the
             demo; every 10 epochs adds 9-11% to the demo's 3-second run, 3.8% with a 4x wider CNN).
         probe: ``"val"``, ``"train"`` or a ``Dataset``.
-        probe_size: samples analysed (a coreset of the probe, see ``probe_selector``); ``None`` = all.
+        probe_size: samples analysed (a coreset of the probe, see ``probe_selector``); ``None`` = all. A probe
+            smaller than this is analysed whole (one warning).
         truncation: DP truncation (paper: 50 components); capped at a quarter of the rows.
         concentration: DP concentration alpha (paper: 1).
         covariance_type: ``"diag"`` (paper), ``"spherical"``, ``"tied"`` or ``"full"``.
@@ -277,7 +278,10 @@ class LayerClusters(InterpretationCallback):
         for name, r in results.items():
             count = r["n_clusters"]
             metric = f"{self.tag}/{name}/n_clusters"
-            if self.collapse_alert and count == 1:
+            # a conv layer whose spatial positions still form groups is not collapsed: its per-sample averages
+            # can be one group when they are close to a linear function of the input's mean (a first conv layer)
+            spatially_alive = (r.get("position_clusters") or 0) > 1
+            if self.collapse_alert and count == 1 and not spatially_alive:
                 self.alert(trainer, metric, count, 1, f"layer {name!r} collapsed to one cluster on the probe: its "
                            "activations no longer separate the samples (dead, saturated or constant units?)")
                 continue

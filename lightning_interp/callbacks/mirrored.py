@@ -61,7 +61,10 @@ class MirroredInfluence(InterpretationCallback):
         leak_queries: ``"val"``, a Dataset, or ``None`` (off): for every query, the training sample it
             influences most under the relative mirrored influence of a head step (1 = exact copy). Not
             ``"train"``: every training sample is its own copy.
-        leak_threshold: queries whose top influence exceeds it are reported in ``leaks_``.
+        leak_threshold: queries whose top influence exceeds it are reported in ``leaks_``. Exact and shifted
+            copies score above 0.99999; clean queries reached 0.99925 on digits and 0.9995 on a text transformer, so
+            0.999 reported false leaks. Jittered near-copies (0.996-0.999 on digits) overlap clean queries: no
+            threshold separates them, though each is found top-1.
         leak_temperature: temperature of the loss whose head gradients are compared (10: jittered copies
             found, docs/mirrored.md).
         leak_shift_radius: image queries are also compared translated by up to this many pixels, so copies
@@ -99,7 +102,7 @@ class MirroredInfluence(InterpretationCallback):
         threshold: float = 1.0,
         max_flagged_fraction: float = 0.05,
         leak_queries: DataSource | None = "val",
-        leak_threshold: float = 0.999,
+        leak_threshold: float = 0.9999,
         leak_temperature: float = LEAK_TEMPERATURE,
         leak_shift_radius: int = 1,
         second_look_top_k: int = 0,
