@@ -86,7 +86,8 @@ def select_layers(
 #: Modules whose units are the *last* axis of their output (a Linear on ``[N, T, D]`` has D units, not T).
 CHANNELS_LAST_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+    nn.Transformer, nn.RNNBase,
 )
 
 
@@ -97,16 +98,27 @@ def pool_spatial(activation: torch.Tensor) -> torch.Tensor:
     return activation.flatten(2).mean(dim=2)
 
 
+_SEQUENCE_MODULES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                     nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
 def _batch_first_flag(module: nn.Module) -> bool | None:
-    flag = getattr(module, "batch_first", None)
-    if flag is None and isinstance(getattr(module, "self_attn", None), nn.MultiheadAttention):
-        flag = module.self_attn.batch_first  # Transformer*Layer keeps the flag on its attention
-    return flag if isinstance(flag, bool) else None
+    """``batch_first`` of torch's attention, recurrent and transformer modules (``None`` for any other module:
+    a user's module with a ``batch_first`` or ``self_attn`` attribute says nothing about its own tensors)."""
+    if not isinstance(module, _SEQUENCE_MODULES):
+        return None
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return module.self_attn.batch_first  # the layer keeps the flag on its attention
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return _batch_first_flag(module.layers[0]) if len(module.layers) else None
+    if isinstance(module, nn.Transformer):
+        return _batch_first_flag(module.encoder)
+    return module.batch_first
 
 
 def sequence_first_layers(model: nn.Module) -> set[str]:
-    """Names of the modules that see sequence-first tensors ``[T, N, ...]``: attention, transformer and recurrent
-    layers built with ``batch_first=False``, and every module inside them (their Linear layers too)."""
+    """Names of the modules that see sequence-first tensors ``[T, N, ...]``: torch's attention, transformer and
+    recurrent modules built with ``batch_first=False``, and every module inside them (their Linear layers too)."""
     names = set()
     for name, module in model.named_modules():
         if _batch_first_flag(module) is False:

@@ -285,7 +285,7 @@ def run_probe(
             f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}",
             silent,
         )
-    n_samples = sum(len(o) for o in outputs)
+    n_samples = sum(len(i) for i in indices)
     misread = {name: tuple(act.shape) for name, act in activations.items() if pool and len(act) != n_samples}
     if misread:
         raise ProbeDataError(

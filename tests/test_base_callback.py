@@ -241,7 +241,7 @@ def test_batch_transfer_hooks_the_probes_skip_are_named_once(tmp_path, datamodul
             x, y = batch
             return (x - 0.5) / 0.5, y
 
-    skipped_hooks = "Normalising defines on_after_batch_transfer; .* do not run them"
+    skipped_hooks = "Normalising.on_after_batch_transfer: lightning_interp's probes .* do not run batch-transfer"
     with pytest.warns(InterpretationWarning, match=skipped_hooks) as w:
         make_trainer(tmp_path, [MeanActivation(), MeanActivation(probe="train")], max_epochs=1).fit(
             Normalising(), datamodule)
@@ -255,3 +255,32 @@ def test_batch_transfer_hooks_the_probes_skip_are_named_once(tmp_path, datamodul
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*on_after_batch_transfer", category=InterpretationWarning)
         make_trainer(tmp_path, [MeanActivation(batch_to_xy=normalised)], max_epochs=1).fit(Normalising(), datamodule)
+
+
+def test_batch_hooks_of_a_datamodule_are_named_and_lightning_lookalikes_are_not_lightning():
+    from lightning_interp.callbacks.base import overridden_batch_hooks
+    from lightning_interp.demo import DigitsDataModule
+
+    class Normalised(DigitsDataModule):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    Normalised.__module__ = "lightning_models.data"  # a user package whose name starts like Lightning's
+    assert overridden_batch_hooks(DigitsCNN(), Normalised()) == ["Normalised.on_after_batch_transfer"]
+    module = DigitsCNN()
+    module.transfer_batch_to_device = lambda batch, device, idx: batch  # set on the instance
+    assert overridden_batch_hooks(module, None) == ["DigitsCNN.transfer_batch_to_device"]
+    assert overridden_batch_hooks(DigitsCNN(), DigitsDataModule()) == []
+
+
+def test_a_layer_that_never_runs_is_left_out_before_the_coreset_is_chosen(tmp_path, datamodule):
+    class WithUnused(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Linear(4, 4)
+
+    cb = MeanActivation(probe_size=50, head="fc2", strict=True)
+    with pytest.warns(InterpretationWarning, match=r"leaves out \['unused'\]"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(WithUnused(), datamodule)
+    assert cb.coreset_ is not None and cb.coreset_["size"] == 50 and "fidelity" in cb.coreset_
+    assert "unused" not in cb.history_[0]

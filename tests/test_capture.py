@@ -121,3 +121,27 @@ def test_linear_layers_inside_a_sequence_first_transformer_record_samples_by_fea
 def test_default_selection_leaves_out_the_insides_of_attention():
     model = nn.Sequential(nn.MultiheadAttention(6, 2), nn.Linear(6, 6), nn.Linear(6, 2))
     assert list(select_layers(model)) == ["1"]  # not 0.out_proj: attention calls its weights directly
+
+
+def test_only_torchs_sequence_modules_mark_their_insides_sequence_first():
+    from lightning_interp.capture import sequence_first_layers
+
+    class Block(nn.Module):  # a user's batch-first block that happens to own a sequence-first attention
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(6, 2)
+            self.mlp = nn.Sequential(nn.Linear(6, 6))
+
+        def forward(self, x):  # x: [N, T, D]
+            s = x.transpose(0, 1)
+            return self.mlp(self.self_attn(s, s, s)[0].transpose(0, 1))
+
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 12), num_layers=2, enable_nested_tensor=False)
+    model = nn.ModuleDict({"block": Block(), "encoder": encoder})
+    marked = sequence_first_layers(model)
+    assert "block.self_attn" in marked and "block.mlp.0" not in marked and "block" not in marked
+    assert {"encoder", "encoder.layers.1.linear2"} <= marked
+    with ActivationRecorder(model, {"block.mlp.0": model["block"].mlp[0], "encoder": encoder}) as rec:
+        model["block"](torch.randn(8, 5, 6))
+        encoder(torch.randn(5, 8, 6))
+    assert rec.stacked()["block.mlp.0"].shape == (8, 6) and rec.stacked()["encoder"].shape == (8, 6)

@@ -58,22 +58,35 @@ _WARNED_PER_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # 
 
 
 def warn_once_per_trainer(trainer, key: str, message: str) -> None:
-    """One warning per trainer for ``key``, whichever of its callbacks meets the cause first."""
+    """One warning per trainer for ``key`` (on rank zero), whichever of its callbacks meets the cause first."""
     given = _WARNED_PER_TRAINER.setdefault(trainer, set())
     if key not in given:
         given.add(key)
-        warnings.warn(message, InterpretationWarning, stacklevel=3)
+        if getattr(trainer, "is_global_zero", True):
+            warnings.warn(message, InterpretationWarning, stacklevel=3)
 
 
 _BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 
-def overridden_batch_hooks(pl_module) -> list[str]:
-    """The batch-transfer hooks the module's own class defines (not Lightning's defaults)."""
-    def owner(name: str) -> str:
-        return next(c.__module__ for c in type(pl_module).__mro__ if name in c.__dict__)
+def _from_lightning(module_name: str) -> bool:
+    return module_name in ("lightning", "pytorch_lightning") or module_name.startswith(
+        ("lightning.", "pytorch_lightning."))
 
-    return [name for name in _BATCH_HOOKS if not owner(name).startswith(("pytorch_lightning", "lightning"))]
+
+def overridden_batch_hooks(*owners) -> list[str]:
+    """``Class.hook`` for each batch-transfer hook that one of ``owners`` (a LightningModule, a datamodule) defines
+    itself, in its class or on the instance, rather than inheriting Lightning's default."""
+    found = []
+    for owner in owners:
+        if owner is None:
+            continue
+        for name in _BATCH_HOOKS:
+            defined_in = "" if name in vars(owner) else next(
+                (c.__module__ for c in type(owner).__mro__ if name in c.__dict__), "lightning")
+            if not _from_lightning(defined_in):
+                found.append(f"{type(owner).__name__}.{name}")
+    return found
 
 
 def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
@@ -265,14 +278,14 @@ class InterpretationCallback(Callback):
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer, strict=self.strict)
         self._check_layers(pl_module)
-        hooks = overridden_batch_hooks(pl_module)
+        hooks = overridden_batch_hooks(pl_module, getattr(trainer, "datamodule", None))
         if hooks and self.batch_to_xy is None:
             warn_once_per_trainer(
                 trainer, "batch_hooks",
-                f"{type(pl_module).__name__} defines {', '.join(hooks)}; lightning_interp's probes read batches "
-                "straight from the dataset and do not run them (Lightning runs them on training batches too, with any "
-                "augmentation). If they normalise or reshape inputs, pass batch_to_xy= doing the same, or move that "
-                "step into forward(); otherwise the analyses see different inputs than the model does",
+                f"{', '.join(hooks)}: lightning_interp's probes read batches straight from the dataset and do not "
+                "run batch-transfer hooks (Lightning runs them on training batches too, with any augmentation). If "
+                "they normalise or reshape inputs, pass batch_to_xy= doing the same, or move that step into "
+                "forward(); otherwise the analyses see different inputs than the model does",
             )
         weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
         if weights_only and "weights_only" not in self._warned:
@@ -515,6 +528,9 @@ class InterpretationCallback(Callback):
         if self.probe_fidelity:
             try:
                 agreement = self._coreset_fidelity(trainer, pl_module, full, coreset)
+            except LayersDidNotRun:  # run_now leaves those layers out and runs again: choose again then
+                self._probe_indices = self._selected_epoch = None
+                raise
             except Exception as err:  # the coreset stays usable: its analysis goes on without the measure
                 if self.strict:
                     raise

@@ -156,12 +156,15 @@ class LayerClusters(InterpretationCallback):
                          for name, m in maps.items()})
         fits = self._fit_all(requests)
         results: dict[str, dict[str, Any]] = {}
+        varying = set()  # conv layers whose label maps differ between images: their positions carry the samples
         for name in layers:
             fit = fits.get((name, "samples"))
             if fit is None:
                 continue
             position_fit = fits.get((name, "positions"))
             label_maps = position_fit.labels.view(maps[name].shape[0], *maps[name].shape[2:]) if position_fit else None
+            if label_maps is not None and bool((label_maps != label_maps[:1]).any()):
+                varying.add(name)
             results[name] = {
                 "n_clusters": fit.n_clusters, "weights": fit.weights, "nmi": fit.nmi, "ari": fit.ari,
                 "labels": fit.labels, "position_clusters": position_fit.n_clusters if position_fit else None,
@@ -175,7 +178,7 @@ class LayerClusters(InterpretationCallback):
             self._log_embeddings(probe, outs, results)
         if results:
             self.reporter.log_text(f"{self.tag}/summary", self.summary_table(results, layers))
-        self._check_alerts(trainer, results, previous)
+        self._check_alerts(trainer, results, previous, varying)
 
     def _fit_all(self, requests: dict[tuple[str, str], tuple]) -> dict[tuple[str, str], ClusterFit]:
         """All of this run's fits in one batched call; a warning once per layer and kind, failures skip it."""
@@ -274,14 +277,14 @@ class LayerClusters(InterpretationCallback):
                 "class-specific (retrain for a new task).")
 
     # -- alerts --------------------------------------------------------------------------------------------
-    def _check_alerts(self, trainer, results, previous: dict[str, int]) -> None:
+    def _check_alerts(self, trainer, results, previous: dict[str, int], varying: set[str] = frozenset()) -> None:
+        """``varying``: conv layers whose label maps differ between images. Such a layer is not collapsed even
+        when its per-sample averages form one group (a first conv layer's averages are close to a linear
+        function of the input's mean); padding alone makes positions differ, images differing does not."""
         for name, r in results.items():
             count = r["n_clusters"]
             metric = f"{self.tag}/{name}/n_clusters"
-            # a conv layer whose spatial positions still form groups is not collapsed: its per-sample averages
-            # can be one group when they are close to a linear function of the input's mean (a first conv layer)
-            spatially_alive = (r.get("position_clusters") or 0) > 1
-            if self.collapse_alert and count == 1 and not spatially_alive:
+            if self.collapse_alert and count == 1 and name not in varying:
                 self.alert(trainer, metric, count, 1, f"layer {name!r} collapsed to one cluster on the probe: its "
                            "activations no longer separate the samples (dead, saturated or constant units?)")
                 continue
