@@ -111,20 +111,33 @@ def _batch_first_flag(module: nn.Module) -> bool | None:
         return module.self_attn.batch_first  # the layer keeps the flag on its attention
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return _batch_first_flag(module.layers[0]) if len(module.layers) else None
-    if isinstance(module, nn.Transformer):
-        return _batch_first_flag(module.encoder)
     return module.batch_first
 
 
+def sequence_layout(model: nn.Module) -> dict[str, bool]:
+    """``{name: batch_first}`` for torch's attention, transformer and recurrent modules and the torch modules
+    inside them (their Linear, Dropout, LayerNorm, activations): these all see token tensors, ``[N, T, E]`` or,
+    with ``batch_first=False``, ``[T, N, E]``. A user's module inside one (a ``custom_decoder``) is not assumed
+    to follow it, and a nested torch sequence module keeps its own flag."""
+    layout: dict[str, bool] = {}
+
+    def visit(name: str, module: nn.Module, inherited: bool | None) -> None:
+        own = _batch_first_flag(module)
+        if own is None and not (inherited is not None and type(module).__module__.startswith("torch.nn")):
+            inherited = None  # a user's module: its layout is its own business
+        flag = own if own is not None else inherited
+        if flag is not None:
+            layout[name] = flag
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child, flag)
+
+    visit("", model, None)
+    return layout
+
+
 def sequence_first_layers(model: nn.Module) -> set[str]:
-    """Names of the modules that see sequence-first tensors ``[T, N, ...]``: torch's attention, transformer and
-    recurrent modules built with ``batch_first=False``, and every module inside them (their Linear layers too)."""
-    names = set()
-    for name, module in model.named_modules():
-        if _batch_first_flag(module) is False:
-            names.add(name)
-            names.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
-    return names
+    """Names of the modules that see sequence-first tensors ``[T, N, ...]`` (see :func:`sequence_layout`)."""
+    return {name for name, batch_first in sequence_layout(model).items() if not batch_first}
 
 
 def samples_first(module: nn.Module, tensor: torch.Tensor, sequence_first: bool | None = None) -> torch.Tensor:
@@ -135,13 +148,14 @@ def samples_first(module: nn.Module, tensor: torch.Tensor, sequence_first: bool 
     return tensor.transpose(0, 1) if sequence_first and tensor.dim() == 3 else tensor
 
 
-def pool_units(module: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+def pool_units(module: nn.Module, activation: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """``[N, units]`` for ``module``'s sample-first activation: conv maps ``[N, C, *spatial]`` averaged over
     space (ARM's rule, C units); for layers acting on the last axis (:data:`CHANNELS_LAST_TYPES`, e.g. a Linear
-    on tokens ``[N, T, D]``) the positions are averaged instead (D units)."""
+    on tokens ``[N, T, D]``, or ``channels_last``: any module inside a transformer) the positions are averaged
+    instead (D units)."""
     if activation.dim() <= 2:
         return activation
-    if isinstance(module, CHANNELS_LAST_TYPES):
+    if channels_last or isinstance(module, CHANNELS_LAST_TYPES):
         return activation.flatten(1, -2).mean(dim=1)
     return pool_spatial(activation)
 
@@ -164,7 +178,9 @@ class ActivationRecorder:
     ) -> None:
         self.model = model
         self.layers = dict(layers)
-        self.sequence_first = sequence_first_layers(model) & set(self.layers)
+        layout = sequence_layout(model)
+        self.tokens = set(layout) & set(self.layers)  # channels last
+        self.sequence_first = {name for name in self.tokens if not layout[name]}
         self.pool = pool
         self.to_cpu = to_cpu
         self.store: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
@@ -176,7 +192,7 @@ class ActivationRecorder:
                 output = output[0]
             out = samples_first(module, output.detach(), name in self.sequence_first)
             if self.pool:
-                out = pool_units(module, out)
+                out = pool_units(module, out, name in self.tokens)
             self.store[name].append(out.cpu() if self.to_cpu else out)
 
         return record
@@ -219,7 +235,7 @@ class HeadInputRecorder(ActivationRecorder):
 
         def record(module: nn.Module, inputs) -> None:
             out = samples_first(module, inputs[0].detach(), name in self.sequence_first)
-            out = pool_units(module, out).flatten(1)
+            out = pool_units(module, out, name in self.tokens).flatten(1)
             self.store[name].append(out.cpu() if self.to_cpu else out)
 
         self._handles.append(module.register_forward_pre_hook(record))

@@ -106,8 +106,9 @@ def inputs_in_model_dtype(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-class LayersDidNotRun(ProbeDataError):
-    """Recorded layers whose forward hooks saw no output: ``forward()`` never called them."""
+class UnreadableLayers(ProbeDataError):
+    """Recorded layers that give no one row per sample: ``forward()`` never called them, called them more than
+    once per sample, or fed them tensors whose first axis is not the samples."""
 
     def __init__(self, message: str, layers: list[str]) -> None:
         super().__init__(message)
@@ -280,7 +281,7 @@ def run_probe(
     activations = recorders[0].stacked()
     silent = [name for name in layers or {} if name not in activations]
     if silent:
-        raise LayersDidNotRun(
+        raise UnreadableLayers(
             f"layer(s) {silent} never ran in {type(model).__name__}.forward (their hooks saw no output); "
             f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}",
             silent,
@@ -288,10 +289,12 @@ def run_probe(
     n_samples = sum(len(i) for i in indices)
     misread = {name: tuple(act.shape) for name, act in activations.items() if pool and len(act) != n_samples}
     if misread:
-        raise ProbeDataError(
-            f"layer(s) {misread} recorded a number of rows other than the {n_samples} samples: their outputs are not "
-            "batch-first (e.g. a module applied to [sequence, batch, features] tensors outside an attention or "
-            "recurrent layer built with batch_first=False); choose other layers with layers=[...]"
+        raise UnreadableLayers(
+            f"layer(s) {misread} recorded a number of rows other than the {n_samples} samples: forward() calls them "
+            "more than once per sample (shared weights, a loop over time steps) or feeds them tensors whose first "
+            "axis is not the samples (a module on [sequence, batch, features] outside a batch_first=False "
+            "attention or recurrent layer); choose other layers with layers=[...]",
+            list(misread),
         )
     head_inputs = recorders[1].stacked() if head is not None else {}
     if head is not None and head not in head_inputs:

@@ -117,7 +117,7 @@ def test_head_names_the_output_layer_when_the_last_registered_is_not(tmp_path):
                              progress_bar=False, layers=["conv*", "fc1"], head="fc2", strict=True),
         LayerClusters(every_n_epochs=1, probe_size=128, probe_selector="kcenter", head="fc2", strict=True),
     ]
-    with pytest.warns(InterpretationWarning, match=r"leaves out \['aux'\]: forward\(\) never calls them") as caught:
+    with pytest.warns(InterpretationWarning, match=r"leaves out \['aux'\]: layer\(s\) \['aux'\] never ran") as caught:
         make_trainer(tmp_path, callbacks, max_epochs=2).fit(WithAuxiliaryHead(), DigitsDataModule(n_leaked=3))
     assert sum("leaves out" in str(w.message) for w in caught) == 2  # once each for ARMDrift and LayerClusters
     assert set(callbacks[0].history_[-1]["per_layer"]) == {"conv1", "conv2", "conv3", "fc1"}

@@ -284,3 +284,18 @@ def test_a_layer_that_never_runs_is_left_out_before_the_coreset_is_chosen(tmp_pa
         make_trainer(tmp_path, [cb], max_epochs=1).fit(WithUnused(), datamodule)
     assert cb.coreset_ is not None and cb.coreset_["size"] == 50 and "fidelity" in cb.coreset_
     assert "unused" not in cb.history_[0]
+
+
+def test_a_layer_called_twice_per_sample_is_left_out_of_the_default_layers(tmp_path, datamodule):
+    class Twice(DigitsCNN):  # fc1 applied to two views of each sample (shared weights)
+        def forward(self, x):
+            h = torch.nn.functional.relu(self.conv1(x))
+            h = torch.nn.functional.relu(self.bn2(self.conv2(h)))
+            h = torch.nn.functional.max_pool2d(torch.nn.functional.relu(self.conv3(h)), 2).flatten(1)
+            both = torch.nn.functional.relu(self.fc1(torch.cat([h, h.flip(1)])))
+            return self.fc2(both[: len(x)] + both[len(x):])
+
+    cb = MeanActivation(strict=True)
+    with pytest.warns(InterpretationWarning, match=r"leaves out \['fc1'\]: .* more than once per sample"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(Twice(), datamodule)
+    assert set(cb.history_[0]) == {"epoch", "conv1", "conv2", "conv3"}

@@ -145,3 +145,24 @@ def test_only_torchs_sequence_modules_mark_their_insides_sequence_first():
         model["block"](torch.randn(8, 5, 6))
         encoder(torch.randn(5, 8, 6))
     assert rec.stacked()["block.mlp.0"].shape == (8, 6) and rec.stacked()["encoder"].shape == (8, 6)
+
+
+def test_a_users_module_inside_a_transformer_keeps_its_own_layout():
+    from lightning_interp.capture import sequence_layout
+
+    class Decoder(nn.Module):  # a custom_decoder working batch-first inside a sequence-first nn.Transformer
+        def __init__(self):
+            super().__init__()
+            self.gru, self.proj = nn.GRU(6, 6, batch_first=True), nn.Linear(6, 6)
+
+        def forward(self, tgt, memory, **kwargs):
+            return self.proj(self.gru(tgt.transpose(0, 1))[0]).transpose(0, 1)
+
+    model = nn.Transformer(6, 2, 1, 1, 12, dropout=0.0, custom_decoder=Decoder())
+    layout = sequence_layout(model)
+    assert layout[""] is False and layout["encoder.layers.0.dropout1"] is False
+    assert "decoder" not in layout and layout["decoder.gru"] is True and "decoder.proj" not in layout
+    layers = {"encoder.layers.0.dropout1": model.encoder.layers[0].dropout1, "decoder.gru": model.decoder.gru}
+    with ActivationRecorder(model, layers) as rec:
+        model(torch.randn(5, 3, 6), torch.randn(4, 3, 6))  # 3 samples, 5 source and 4 target positions
+    assert rec.stacked()["encoder.layers.0.dropout1"].shape == (3, 6) and rec.stacked()["decoder.gru"].shape == (3, 6)

@@ -22,7 +22,7 @@ from ..capture import resolve_head, select_layers
 from ..distributed import gather_by_index, rank_zero_buffers, shard_positions
 from ..probe import (
     BatchToXY,
-    LayersDidNotRun,
+    UnreadableLayers,
     ProbeCache,
     ProbeData,
     ProbeDataError,
@@ -346,12 +346,12 @@ class InterpretationCallback(Callback):
             with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, step):
                 try:
                     self.compute(trainer, pl_module, self.resolve_probe(trainer, pl_module))
-                except LayersDidNotRun as err:
+                except UnreadableLayers as err:
                     if self.layers is not None or not set(err.layers) - self._silent_layers:
                         raise  # the user named them, or leaving them out did not help
                     self._silent_layers.update(err.layers)  # an unused or auxiliary module: analyse the rest
-                    self.warn_once("layers:silent", f"{type(self).__name__} leaves out {err.layers}: forward() "
-                                   "never calls them (name the layers with layers=[...] to choose yourself)")
+                    self.warn_once("layers:silent", f"{type(self).__name__} leaves out {err.layers}: {err} "
+                                   "(name the layers with layers=[...] to choose yourself)")
                     self.compute(trainer, pl_module, self.resolve_probe(trainer, pl_module))
         except InterpretationAlert:
             raise
@@ -528,7 +528,7 @@ class InterpretationCallback(Callback):
         if self.probe_fidelity:
             try:
                 agreement = self._coreset_fidelity(trainer, pl_module, full, coreset)
-            except LayersDidNotRun:  # run_now leaves those layers out and runs again: choose again then
+            except UnreadableLayers:  # run_now leaves those layers out and runs again: choose again then
                 self._probe_indices = self._selected_epoch = None
                 raise
             except Exception as err:  # the coreset stays usable: its analysis goes on without the measure

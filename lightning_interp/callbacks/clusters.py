@@ -204,7 +204,8 @@ class LayerClusters(InterpretationCallback):
             return {}, None
         head = probe.subset(torch.arange(min(self.label_map_fit_images, len(probe))))
         outs = run_probe(pl_module, head, layers, pool=False)
-        maps = {name: act for name, act in outs.activations.items() if act.dim() >= 3}
+        maps = {name: act for name, act in outs.activations.items()  # conv maps only: [N, C, *spatial]
+                if act.dim() >= 3 and isinstance(layers[name], torch.nn.modules.conv._ConvNd)}
         if not maps:
             return {}, None
         inputs = torch.cat([x for x, _, _ in head.batches("cpu")])[: self.label_map_images]
