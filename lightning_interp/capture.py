@@ -83,12 +83,9 @@ def select_layers(
     return chosen
 
 
-#: Modules whose units are the *last* axis of their output (a Linear on ``[N, T, D]`` has D units, not T).
-CHANNELS_LAST_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
-    nn.Transformer, nn.RNNBase,
-)
+#: Modules whose units are the *last* axis of their output (a Linear on ``[N, T, D]`` has D units, not T); the
+#: modules of torch's attention, transformer and recurrent layers are channels-last too (:func:`sequence_layout`).
+CHANNELS_LAST_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding)
 
 
 def pool_spatial(activation: torch.Tensor) -> torch.Tensor:
@@ -140,11 +137,8 @@ def sequence_first_layers(model: nn.Module) -> set[str]:
     return {name for name, batch_first in sequence_layout(model).items() if not batch_first}
 
 
-def samples_first(module: nn.Module, tensor: torch.Tensor, sequence_first: bool | None = None) -> torch.Tensor:
-    """``tensor`` (an output or input of ``module``) with the sample axis first. ``sequence_first`` (default:
-    the module's own ``batch_first`` flag) says it is ``[T, N, E]``."""
-    if sequence_first is None:
-        sequence_first = _batch_first_flag(module) is False
+def samples_first(tensor: torch.Tensor, sequence_first: bool) -> torch.Tensor:
+    """``tensor`` with the sample axis first; ``sequence_first`` says it is ``[T, N, E]``."""
     return tensor.transpose(0, 1) if sequence_first and tensor.dim() == 3 else tensor
 
 
@@ -190,7 +184,7 @@ class ActivationRecorder:
         def record(module: nn.Module, _inputs, output) -> None:
             if isinstance(output, (tuple, list)):  # e.g. MultiheadAttention returns (output, weights)
                 output = output[0]
-            out = samples_first(module, output.detach(), name in self.sequence_first)
+            out = samples_first(output.detach(), name in self.sequence_first)
             if self.pool:
                 out = pool_units(module, out, name in self.tokens)
             self.store[name].append(out.cpu() if self.to_cpu else out)
@@ -234,7 +228,7 @@ class HeadInputRecorder(ActivationRecorder):
         (name, module), = self.layers.items()
 
         def record(module: nn.Module, inputs) -> None:
-            out = samples_first(module, inputs[0].detach(), name in self.sequence_first)
+            out = samples_first(inputs[0].detach(), name in self.sequence_first)
             out = pool_units(module, out, name in self.tokens).flatten(1)
             self.store[name].append(out.cpu() if self.to_cpu else out)
 

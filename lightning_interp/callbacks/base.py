@@ -57,6 +57,11 @@ def loader_list(loaders) -> list:
 _WARNED_PER_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> warning keys given
 
 
+def training_step_key(trainer) -> tuple:
+    """Where training stands (step, epoch, stage): results computed at one key see the same weights."""
+    return trainer.global_step, trainer.current_epoch, trainer.state.stage
+
+
 def warn_once_per_trainer(trainer, key: str, message: str) -> None:
     """One warning per trainer for ``key`` (on rank zero), whichever of its callbacks meets the cause first."""
     given = _WARNED_PER_TRAINER.setdefault(trainer, set())
@@ -342,8 +347,7 @@ class InterpretationCallback(Callback):
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
         self.policy.stop_requested = False
         try:
-            step = (trainer.global_step, trainer.current_epoch, trainer.state.stage)
-            with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, step):
+            with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, training_step_key(trainer)):
                 try:
                     self.compute(trainer, pl_module, self.resolve_probe(trainer, pl_module))
                 except UnreadableLayers as err:
@@ -425,7 +429,7 @@ class InterpretationCallback(Callback):
         """
         cache = probe_cache(pl_module)
         features = (self.head or True) if features else False
-        step = (trainer.global_step, trainer.current_epoch, trainer.state.stage)
+        step = training_step_key(trainer)
         world = trainer.world_size
         if world <= 1:
             return cache.get(pl_module, probe, layers or {}, step, features=features)
