@@ -470,3 +470,40 @@ def test_weights_only_checkpoints_fall_back_to_the_epoch_schedule(tmp_path):
         make_trainer(tmp_path, [cb, weights_only], max_epochs=2, enable_checkpointing=True).fit(
             DigitsCNN(), DigitsDataModule(batch_size=128))
     assert [r["epoch"] for r in cb.history_] == [0, 1]
+
+
+def test_modules_forward_never_calls_are_left_out_of_the_default_components(tmp_path):
+    """An unused (auxiliary) module would get attributions fitted to noise: left out with one warning by default,
+    an error when the user names it."""
+    from conftest import make_trainer
+
+    from lightning_interp import ComponentAttribution
+    from lightning_interp.alerts import InterpretationWarning
+    from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+    class WithAuxiliaryHead(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(64, 5)  # registered before the head, never called by forward()
+            self.fc2 = self._modules.pop("fc2")  # the output layer stays the last one registered
+
+    components = C.find_components(WithAuxiliaryHead())
+    assert "aux" in [g.name for g in components.groups]
+    assert C.silent_modules(WithAuxiliaryHead(), components, torch.randn(2, 1, 8, 8)) == ["aux"]
+    assert [g.name for g in components.without(["aux"]).groups] == ["conv1", "conv2", "conv3", "fc1"]
+    assert len(components.without(["aux"])) == len(components) - 5
+
+    def fit(callback):
+        trainer = make_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+        trainer.fit(WithAuxiliaryHead(), DigitsDataModule(noise_fraction=0.0, n_leaked=0, batch_size=128))
+
+    default = ComponentAttribution(n_masks=40, n_eval_masks=10, probe_size=10, strict=True, every_n_epochs=1)
+    with pytest.warns(InterpretationWarning, match=r"leaves out \['aux'\]"):
+        fit(default)
+    assert not any(name.startswith("aux") for name in default.component_names_)
+    assert default.attributions_.shape[1] == 16 + 32 + 32 + 64
+
+    named = ComponentAttribution(layers=["fc1", "aux"], n_masks=40, n_eval_masks=10, probe_size=10, strict=True,
+                                 every_n_epochs=1)
+    with pytest.raises(C.AblationError, match=r"\['aux'\] never run .* Layers that ran: \['fc1'\]"):
+        fit(named)

@@ -10,8 +10,16 @@ from typing import Any, Union
 
 import torch
 
-from ..methods.coar import LAYER_KINDS, fit_attributions, find_components, heldout_correlation
-from ..probe import ProbeData, ProbeDataError, model_device
+from ..methods.coar import (
+    LAYER_KINDS,
+    AblationError,
+    Components,
+    fit_attributions,
+    find_components,
+    heldout_correlation,
+    silent_modules,
+)
+from ..probe import ProbeData, ProbeDataError, evaluation_mode, model_device
 from ..report import markdown_table, run_dir
 from .base import InterpretationCallback, ProbeSource
 
@@ -51,7 +59,8 @@ class ComponentAttribution(InterpretationCallback):
         progress_bar: show a tqdm bar over the ablation passes (only when the trainer shows its own).
         probe, probe_size, probe_selector, probe_balance, layers, ...: see
             :class:`~lightning_interp.callbacks.base.InterpretationCallback`; ``layers`` globs choose the
-            modules whose components are attributed.
+            modules whose components are attributed (default: every eligible module but the output layer and
+            those ``forward()`` never calls, which are left out with one warning).
 
     Attributes:
         attributions_: ``[probe examples, components]`` effect on each margin of keeping each component.
@@ -211,7 +220,7 @@ class ComponentAttribution(InterpretationCallback):
     # -- the analysis --------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         x, y, indices = _probe_tensors(probe, model_device(pl_module))
-        components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
+        components = self._components(pl_module, x)
         seed = self.seed + self.analysed_epoch(trainer)
         with self._progress(trainer, self.n_masks + self.n_eval_masks) as advance:
             weights, bias = fit_attributions(
@@ -245,10 +254,27 @@ class ComponentAttribution(InterpretationCallback):
         reference fit, and only the averaging differs.
         """
         x, y, _ = _probe_tensors(probe, model_device(pl_module))
-        components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
+        components = self._components(pl_module, x)
         weights, _ = fit_attributions(pl_module, components, x, y, self.n_masks, self.alpha,
                                       self.seed + self.analysed_epoch(trainer), self.max_batch_size, self.ridge)
         return weights.mean(0)
+
+    def _components(self, pl_module, x: torch.Tensor) -> Components:
+        """The components to attribute: those of the chosen layers that ``forward()`` calls. Default layers that it
+        never calls are left out with one warning; layers the user named must all run."""
+        components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
+        with evaluation_mode(pl_module):
+            silent = silent_modules(pl_module, components, x[:2])
+        if not silent:
+            return components
+        ran = [g.name for g in components.groups if g.name not in silent]
+        if self.layers is not None or not ran:
+            raise AblationError(
+                f"layer(s) {silent} never run in {type(pl_module).__name__}.forward, so ablating them cannot change "
+                f"a margin; choose layers the forward pass uses. Layers that ran: {ran or 'none of those chosen'}")
+        self.warn_once("components:silent", f"ComponentAttribution leaves out {silent}: forward() never calls them, "
+                       "so ablating them could not change a margin (name the layers with layers=[...] to choose)")
+        return components.without(silent)
 
     def _progress(self, trainer, total: int):
         trainer_shows_bars = getattr(trainer, "progress_bar_callback", None) is not None

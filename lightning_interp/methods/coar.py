@@ -57,6 +57,7 @@ __all__ = [
     "COAR",
     "EditResult",
     "find_components",
+    "silent_modules",
     "ablate",
     "ablated_copy",
     "copy_model",
@@ -125,6 +126,30 @@ class Components:
     def group_of(self) -> Tensor:
         """For every component, the index of its group (module) — ``[N]`` long."""
         return torch.repeat_interleave(torch.arange(len(self.groups)), torch.tensor([g.size for g in self.groups]))
+
+    def without(self, modules: Sequence[str]) -> Components:
+        """The same components minus those of ``modules``, columns renumbered."""
+        kept, offset = [], 0
+        for g in self.groups:
+            if g.name not in modules:
+                kept.append(ComponentGroup(g.name, g.kind, g.size, offset))
+                offset += g.size
+        return Components(tuple(kept))
+
+
+def silent_modules(model: nn.Module, components: Components, x: Tensor) -> list[str]:
+    """The component modules that a forward pass of ``model`` over ``x`` never calls (unused or auxiliary
+    modules: ablating them cannot change a margin, so their attributions would only fit noise)."""
+    called: set[str] = set()
+    handles = [model.get_submodule(g.name).register_forward_hook(lambda *_, name=g.name: called.add(name))
+               for g in components.groups]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [g.name for g in components.groups if g.name not in called]
 
 
 def _eligible_kind(module: nn.Module, layer_types: Sequence[str]) -> str | None:
