@@ -59,7 +59,10 @@ class AlertPolicy:
     """What happens when an alert fires.
 
     Every user hook is called first with the :class:`Alert`, on global rank zero only (one Slack message, not
-    one per GPU; every rank sees the same alert). Then ``"warn"`` emits one
+    one per GPU; every rank sees the same alert). A hook that raises is recorded in ``hook_errors`` and reported
+    in one warning per hook and error type instead of propagating: an exception on rank zero alone would leave
+    the other ranks waiting in the analysis' next collective (the callback re-raises it on every rank under
+    ``strict=True``). Then ``"warn"`` emits one
     :class:`InterpretationWarning`; ``"stop"`` warns and asks the trainer to stop at the end of the epoch (the
     decision is reduced over ranks by the callback, as ``EarlyStopping`` does); ``"raise"`` raises
     :class:`InterpretationAlert`.
@@ -69,11 +72,22 @@ class AlertPolicy:
         self.action = validate_action(action)
         self.hooks = list(hooks)
         self.stop_requested = False
+        self.hook_errors: list[Exception] = []
+        self._reported: set[tuple[str, str]] = set()
 
     def apply(self, alert: Alert, *, is_global_zero: bool = True) -> None:
         if is_global_zero:
             for hook in self.hooks:
-                hook(alert)
+                try:
+                    hook(alert)
+                except Exception as err:
+                    self.hook_errors.append(err)
+                    name = getattr(hook, "__qualname__", None) or repr(hook)
+                    if (name, type(err).__name__) not in self._reported:
+                        self._reported.add((name, type(err).__name__))
+                        warnings.warn(f"alert hook {name} failed on {alert.metric}: {type(err).__name__}: {err}. "
+                                      "The alert is still recorded and logged; later failures of this hook with the "
+                                      "same error are not reported again", InterpretationWarning, stacklevel=3)
         if self.action == "raise":
             raise InterpretationAlert(alert)
         if is_global_zero:

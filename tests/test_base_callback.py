@@ -299,3 +299,19 @@ def test_a_layer_called_twice_per_sample_is_left_out_of_the_default_layers(tmp_p
     with pytest.warns(InterpretationWarning, match=r"leaves out \['fc1'\]: .* more than once per sample"):
         make_trainer(tmp_path, [cb], max_epochs=1).fit(Twice(), datamodule)
     assert set(cb.history_[0]) == {"epoch", "conv1", "conv2", "conv3"}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_failing_alert_hook_is_one_warning_or_under_strict_the_error(tmp_path, datamodule, strict):
+    def broken(alert):
+        raise ConnectionError("webhook unreachable")
+
+    cb = MeanActivation(threshold=-1.0, alert_hooks=[broken], strict=strict)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=2)
+    if strict:
+        with pytest.raises(ConnectionError, match="webhook unreachable"):
+            trainer.fit(DigitsCNN(), datamodule)
+        return
+    with pytest.warns(InterpretationWarning, match="alert hook .*broken failed"):
+        trainer.fit(DigitsCNN(), datamodule)
+    assert trainer.current_epoch == 2 and len(cb.history_) == 2 and len(cb.alerts_) >= 2 and cb.skipped_ == []

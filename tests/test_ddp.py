@@ -29,3 +29,23 @@ def test_sharded_probe_gathers_to_the_single_process_result(tmp_path):
     assert result["coreset"]["size"] == len(single.indices)
     first, second = result["buffers"]
     assert not torch.equal(first, second) and bool((second == 10.0).all())  # rank zero's new values, on every rank
+
+
+def _run_alert_hook_script(mode):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_alert_hook.py"), mode],
+                          env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_an_alert_hook_failing_on_rank_zero_neither_hangs_nor_desynchronises_the_ranks():
+    """Hooks run on rank zero only. Its exception used to leave rank zero skipping the rest of the analysis while
+    rank one waited in the analysis' next gather (a hang); now both ranks finish, or, with strict=True, both raise."""
+    lenient = _run_alert_hook_script("lenient")
+    assert lenient.returncode == 0, lenient.stderr[-3000:]
+    assert "rank 0 finished 2 epochs, 2 alerts" in lenient.stdout and "rank 1 finished 2 epochs, 2 alerts" in lenient.stdout
+    assert lenient.stderr.count("alert hook broken_webhook failed") == 1
+
+    strict = _run_alert_hook_script("strict")
+    assert strict.returncode != 0
+    assert "[rank0]: ConnectionError: webhook unreachable" in strict.stderr
+    assert "[rank1]: RuntimeError: AlwaysAlerts: an alert hook failed on global rank zero" in strict.stderr

@@ -25,3 +25,23 @@ def test_alert_hooks_run_on_global_rank_zero_only():
     assert seen == []
     policy.apply(alert, is_global_zero=True)
     assert seen == [alert]
+
+
+def test_a_failing_alert_hook_is_recorded_and_reported_once_and_the_other_hooks_still_run():
+    import pytest
+
+    from lightning_interp.alerts import InterpretationWarning
+
+    seen = []
+
+    def broken(alert):
+        raise ConnectionError("webhook unreachable")
+
+    policy = AlertPolicy("warn", hooks=[broken, seen.append])
+    alert = Alert("ARMDrift", "arm/aggregate", 2.0, 1.0, 3, 40, "drift jumped")
+    with pytest.warns(InterpretationWarning) as caught:
+        policy.apply(alert)
+        policy.apply(alert)
+    hook_reports = [w for w in caught if "alert hook" in str(w.message)]
+    assert len(hook_reports) == 1 and "broken failed on arm/aggregate: ConnectionError" in str(hook_reports[0].message)
+    assert seen == [alert, alert] and [type(e) for e in policy.hook_errors] == [ConnectionError, ConnectionError]

@@ -346,6 +346,7 @@ class InterpretationCallback(Callback):
     def run_now(self, trainer, pl_module) -> None:
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
         self.policy.stop_requested = False
+        self.policy.hook_errors = []
         try:
             with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, training_step_key(trainer)):
                 try:
@@ -369,6 +370,10 @@ class InterpretationCallback(Callback):
                 "(strict=True raises instead); later analyses failing the same way are listed in skipped_ "
                 "without another warning.",
             )
+        if self.strict and trainer.strategy.reduce_boolean_decision(bool(self.policy.hook_errors), all=False):
+            # hooks run on rank zero only: every rank raises, so none is left waiting in a collective
+            raise self.policy.hook_errors[0] if self.policy.hook_errors else RuntimeError(
+                f"{type(self).__name__}: an alert hook failed on global rank zero (strict=True)")
         if self.alert_action == "stop":
             should_stop = trainer.strategy.reduce_boolean_decision(self.policy.stop_requested, all=False)
             trainer.should_stop = trainer.should_stop or should_stop
