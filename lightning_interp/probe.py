@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -172,12 +171,6 @@ class ProbeData:
     def dataset_size(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    @property
-    def key(self) -> tuple:
-        """Identity of this probe (dataset object and index selection), for caching."""
-        digest = hashlib.blake2b(self.indices.numpy().tobytes(), digest_size=8).hexdigest()
-        return (id(self.dataset), len(self.indices), digest)
-
     def subset(self, positions: torch.Tensor) -> ProbeData:
         """A probe over ``self.indices[positions]`` of the same dataset."""
         return ProbeData(self.dataset, self.indices[positions], self.batch_size, self.batch_to_xy)
@@ -236,6 +229,14 @@ class ProbeOutputs:
             self.outputs, self.labels, self.indices, {n: self.activations[n] for n in layer_names}, self.features
         )
 
+    def take(self, rows: torch.Tensor, layer_names) -> ProbeOutputs:
+        """Rows ``rows`` (positions, in that order) with only ``layer_names`` among the activations."""
+        if len(rows) == len(self.indices) and torch.equal(rows, torch.arange(len(rows))):
+            return self.select(layer_names)  # all of it, in order: no copy
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        return ProbeOutputs(pick(self.outputs), pick(self.labels), self.indices[rows],
+                            {n: pick(self.activations[n]) for n in layer_names}, pick(self.features))
+
     def require_class_labels(self, who: str) -> torch.Tensor:
         """The integer labels, or a clear error saying that ``who`` needs a classification probe."""
         if self.labels is None:
@@ -258,16 +259,20 @@ def run_probe(
     layers: Mapping[str, nn.Module] | None = None,
     pool: bool = True,
     features: bool | str = False,
+    optional_layers: Mapping[str, nn.Module] | None = None,
 ) -> ProbeOutputs:
     """Forward the whole probe set through ``model`` under :func:`evaluation_mode`, recording ``layers``.
 
     With ``features`` the input of the output head is recorded too: ``True`` takes the last Conv/Linear
-    registered (:func:`~lightning_interp.capture.find_head`), a string names the head. Inputs go to the model's
-    device; results come back on the CPU.
+    registered (:func:`~lightning_interp.capture.find_head`), a string names the head. ``optional_layers`` are
+    recorded as well where they can be read (one row per sample) and left out silently where not; a layer in
+    ``layers`` that cannot be read raises :class:`UnreadableLayers`. Inputs go to the model's device; results
+    come back on the CPU.
     """
     device = model_device(model)
     outputs, labels, indices = [], [], []
-    recorders = [ActivationRecorder(model, layers or {}, pool=pool)]
+    optional = {n: m for n, m in (optional_layers or {}).items() if n not in (layers or {})}
+    recorders = [ActivationRecorder(model, {**(layers or {}), **optional}, pool=pool)]
     head = resolve_head(model, features if isinstance(features, str) else None) if features else None
     if head is not None:
         recorders.append(HeadInputRecorder(model, head))
@@ -279,6 +284,10 @@ def run_probe(
             labels.append(y.cpu() if y is not None else None)
             indices.append(idx)
     activations = recorders[0].stacked()
+    n_samples = sum(len(i) for i in indices)
+    for name in optional:
+        if name in activations and pool and len(activations[name]) != n_samples:
+            del activations[name]
     silent = [name for name in layers or {} if name not in activations]
     if silent:
         raise UnreadableLayers(
@@ -286,7 +295,6 @@ def run_probe(
             f"choose layers the forward pass uses. Layers that ran: {sorted(activations) or 'none of those chosen'}",
             silent,
         )
-    n_samples = sum(len(i) for i in indices)
     misread = {name: tuple(act.shape) for name, act in activations.items() if pool and len(act) != n_samples}
     if misread:
         raise UnreadableLayers(
@@ -329,17 +337,21 @@ class WeightsFingerprint:
 
 
 class ProbeCache:
-    """Share one forward pass between callbacks that read the same probe at the same training step.
+    """Share forward passes between callbacks that read the same dataset at the same training step.
 
-    Entries live until the step changes or any weight or buffer does (a callback that prunes or swaps weights
-    between two readers, a second ``fit`` that restarts the step count). A request for layers the cached pass
-    did not record triggers one new pass over the union of layers, which then serves everyone.
+    A request is served from any cached pass that covers its samples (a coreset is read out of a pass over the
+    whole probe) and recorded its layers and, if asked, the output head's input. Entries live until the step
+    changes or any weight or buffer does (a callback that prunes or swaps weights between two readers, a second
+    ``fit`` that restarts the step count). On a miss one pass runs over the requested samples (or ``covering``,
+    a probe over more of the same dataset that another reader will need), recording the union of the layers
+    asked for, ``extra_layers`` (what the other callbacks due at this step will read; left out where unreadable)
+    and the layers of an earlier pass over the same samples; it then serves everyone.
     """
 
     def __init__(self) -> None:
         self._step: object = None
         self._weights: WeightsFingerprint | None = None
-        self._entries: dict[tuple, tuple[ProbeOutputs, str | None]] = {}  # key -> (outputs, head of features)
+        self._entries: dict[tuple, list[tuple[ProbeOutputs, str | None]]] = {}  # per dataset: (pass, its head)
         self.forward_passes = 0  # for tests and profiling
 
     def get(
@@ -349,20 +361,39 @@ class ProbeCache:
         layers: Mapping[str, nn.Module],
         step: object,
         features: bool | str = False,
+        extra_layers: Mapping[str, nn.Module] | None = None,
+        extra_features: bool | str = False,
+        covering: ProbeData | None = None,
     ) -> ProbeOutputs:
         weights = WeightsFingerprint(model)
         if step != self._step or weights != self._weights:
             self._step, self._weights, self._entries = step, weights, {}
-        key = (id(model), probe.key)
+        key = (id(model), id(probe.dataset), id(probe.batch_to_xy))
+        entries = self._entries.setdefault(key, [])
         head = resolve_head(model, features if isinstance(features, str) else None) if features else None
-        cached, cached_head = self._entries.get(key, (None, None))
-        if cached is not None and set(layers) <= set(cached.activations) and (head is None or head == cached_head):
-            return cached.select(list(layers))
-        union = dict(layers)
-        if cached is not None:
-            union.update({n: model.get_submodule(n) for n in cached.activations if n not in union})
-            head = head or cached_head
-        result = run_probe(model, probe, union, pool=True, features=head or False)
+        for cached, cached_head in entries:
+            rows = _rows_of(cached.indices, probe)
+            if rows is not None and set(layers) <= set(cached.activations) and head in (None, cached_head):
+                return cached.take(rows, list(layers))
+
+        target = covering if covering is not None else probe
+        optional = dict(extra_layers or {})
+        same = next(((c, h) for c, h in entries if torch.equal(c.indices, target.indices)), None)
+        if same is not None:  # a pass over these samples exists: the new one replaces it, recording its layers too
+            entries.remove(same)
+            optional.update({n: model.get_submodule(n) for n in same[0].activations})
+            head = head or same[1]
+        if head is None and extra_features:
+            head = resolve_head(model, extra_features if isinstance(extra_features, str) else None)
+        result = run_probe(model, target, layers, pool=True, features=head or False, optional_layers=optional)
         self.forward_passes += 1
-        self._entries[key] = (result, head)
-        return result.select(list(layers))
+        entries.append((result, head))
+        return result.take(_rows_of(result.indices, probe), list(layers))
+
+
+def _rows_of(cached_indices: torch.Tensor, probe: ProbeData) -> torch.Tensor | None:
+    """Positions in ``cached_indices`` of every dataset index of ``probe``, in its order; ``None`` if one is missing."""
+    lookup = torch.full((probe.dataset_size,), -1, dtype=torch.long)
+    lookup[cached_indices] = torch.arange(len(cached_indices))
+    rows = lookup[probe.indices]
+    return None if bool((rows < 0).any()) else rows

@@ -1,5 +1,6 @@
 """All four callbacks together, each active every epoch: training untouched, every tag family in TensorBoard."""
 
+import pytest
 import torch
 from conftest import assert_same_training, make_trainer, read_scalars, read_tags
 from torch.utils.data import DataLoader, Dataset
@@ -132,3 +133,20 @@ def test_head_names_the_output_layer_when_the_last_registered_is_not(tmp_path):
         make_trainer(tmp_path, [named], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule())
     with pytest.raises(ValueError, match="head='fc9' is not a module of WithAuxiliaryHead; available layers: conv1"):
         make_trainer(tmp_path, [LayerClusters(head="fc9")], max_epochs=1).fit(WithAuxiliaryHead(), DigitsDataModule())
+
+
+@pytest.mark.parametrize("order", ["mirrored first", "clusters first"])
+def test_callbacks_due_at_one_step_share_one_pass_over_the_training_set(tmp_path, order):
+    """MirroredInfluence reads the whole training set, LayerClusters a coreset of it plus the whole set once for
+    the coreset's fidelity: whichever runs first records what the other needs, so one pass serves all three."""
+    from lightning_interp.callbacks.base import probe_cache
+
+    mirrored = MirroredInfluence(every_n_epochs=1, leak_queries=None, strict=True)
+    clusters = LayerClusters(every_n_epochs=1, probe_size=96, label_map_images=0, embeddings="none", strict=True)
+    callbacks = [mirrored, clusters] if order == "mirrored first" else [clusters, mirrored]
+    model = DigitsCNN()
+    make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(
+        model, DigitsDataModule(noise_fraction=0.1, n_leaked=0))
+    assert probe_cache(model).forward_passes == 1
+    assert clusters.coreset_["size"] == 96 and clusters.coreset_["fidelity"] is not None and clusters.results_
+    assert int(mirrored.scores_.isfinite().sum()) == len(mirrored.scores_)

@@ -12,6 +12,7 @@ from lightning_interp.probe import (
     ProbeCache,
     ProbeData,
     ProbeDataError,
+    UnreadableLayers,
     default_batch_to_xy,
     evaluation_mode,
     run_probe,
@@ -101,6 +102,37 @@ def test_cache_shares_one_pass_per_step_and_grows_to_the_union_of_layers():
     assert cache.forward_passes == 2  # the union was recorded by the second pass
     cache.get(model, probe, {"conv1": model.conv1}, step=1)
     assert cache.forward_passes == 3
+
+
+def test_cache_serves_a_coreset_from_a_pass_over_more_samples_and_records_the_extra_layers_it_can():
+    class WithUnusedLayer(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Linear(3, 3)
+            self.fc2 = self._modules.pop("fc2")  # still the last registered: the output head
+
+    model = WithUnusedLayer()
+    data = TensorDataset(torch.rand(50, 1, 8, 8), torch.randint(0, 10, (50,)))
+    whole, coreset = ProbeData(data, batch_size=16), ProbeData(data, torch.tensor([41, 3, 17, 3]), batch_size=16)
+    cache = ProbeCache()
+    conv1 = {"conv1": model.conv1}
+    extra = {"fc1": model.fc1, "unused": model.unused}  # another reader's layers; one never runs: left out
+    full = cache.get(model, whole, conv1, step=0, extra_layers=extra, extra_features=True)
+    assert cache.forward_passes == 1 and list(full.activations) == ["conv1"]
+    served = cache.get(model, coreset, {"fc1": model.fc1}, step=0, features=True)
+    assert cache.forward_passes == 1 and served.indices.tolist() == [41, 3, 17, 3]
+    direct = run_probe(model, coreset, {"fc1": model.fc1}, features=True)
+    torch.testing.assert_close(served.outputs, direct.outputs)
+    torch.testing.assert_close(served.activations["fc1"], direct.activations["fc1"])
+    torch.testing.assert_close(served.features, direct.features)
+    assert torch.equal(served.labels, direct.labels)
+    with pytest.raises(UnreadableLayers, match="unused"):  # asked for by the reader itself: an error, as before
+        cache.get(model, coreset, {"unused": model.unused}, step=0)
+
+    cache = ProbeCache()  # the coreset reader comes first and another reader will need the whole set
+    first = cache.get(model, coreset, conv1, step=0, covering=whole)
+    cache.get(model, whole, conv1, step=0)
+    assert cache.forward_passes == 1 and first.indices.tolist() == [41, 3, 17, 3]
 
 
 def test_cache_is_not_served_after_a_weight_changed_at_the_same_step():

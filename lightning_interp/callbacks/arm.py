@@ -283,6 +283,9 @@ class ARMDrift(InterpretationCallback):
         self._stop_tap()
         self._tapped = None
 
+    def upcoming_read(self, trainer, pl_module):
+        return None if self._tapped is not None else super().upcoming_read(trainer, pl_module)  # the tap serves it
+
     def _stop_tap(self) -> None:
         if self._tap is not None:
             self._tap[0].remove()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
 import torch
@@ -115,6 +116,17 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
             "pass probe='train', probe='val' (with validation data) or probe=<a Dataset>"
         )
     return dataset
+
+
+@dataclass(frozen=True)
+class PendingRead:
+    """What a callback's coming analysis reads: ``layers`` (pooled) and, with ``features``, the output head's
+    input, from ``dataset``, all of it (``whole``) or a coreset."""
+
+    dataset: Dataset
+    whole: bool
+    layers: dict[str, nn.Module]
+    features: bool
 
 
 class InterpretationCallback(Callback):
@@ -229,6 +241,7 @@ class InterpretationCallback(Callback):
         self._selected_epoch: int | None = None
         self._warned: set[str] = set()
         self._silent_layers: set[str] = set()  # default layers found not to run in forward()
+        self._last_run_step: tuple | None = None  # training_step_key of the latest run
         self.skipped_: list[dict[str, Any]] = []
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
@@ -347,6 +360,7 @@ class InterpretationCallback(Callback):
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
         self.policy.stop_requested = False
         self.policy.hook_errors = []
+        self._last_run_step = training_step_key(trainer)
         try:
             with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, training_step_key(trainer)):
                 try:
@@ -436,11 +450,43 @@ class InterpretationCallback(Callback):
         features = (self.head or True) if features else False
         step = training_step_key(trainer)
         world = trainer.world_size
+        extra_layers, extra_features, whole = self._reads_alongside(trainer, pl_module, probe.dataset)
+        shared = dict(extra_layers=extra_layers, extra_features=extra_features)
         if world <= 1:
-            return cache.get(pl_module, probe, layers or {}, step, features=features)
+            covering = ProbeData(probe.dataset, None, probe.batch_size, probe.batch_to_xy) if whole else None
+            return cache.get(pl_module, probe, layers or {}, step, features=features, covering=covering, **shared)
         shard = probe.subset(shard_positions(len(probe), trainer.global_rank, world))
-        local = cache.get(pl_module, shard, layers or {}, step, features=features)
+        local = cache.get(pl_module, shard, layers or {}, step, features=features, **shared)
         return gather_outputs(trainer.strategy, local)
+
+    def upcoming_read(self, trainer, pl_module) -> PendingRead | None:
+        """What this callback's analysis due at the end of the current epoch will read through
+        :meth:`forward_probe`, while it has not run yet (``None``: nothing). A callback due at the same step that
+        reads the same dataset first records it in its own pass, so both are served by one."""
+        if not (self.runs_on_epoch_schedule and self._is_due(trainer.current_epoch)):
+            return None
+        if self._last_run_step == training_step_key(trainer):
+            return None
+        try:
+            return PendingRead(resolve_dataset(trainer, self.probe), self.probe_size is None,
+                               self.select_layers(pl_module), False)
+        except Exception:  # its own run reports it
+            return None
+
+    def _reads_alongside(self, trainer, pl_module, dataset) -> tuple[dict[str, nn.Module], bool | str, bool]:
+        """The layers, head input (``head or True``) and whole-dataset need of the other callbacks about to read
+        ``dataset`` at this step."""
+        layers: dict[str, nn.Module] = {}
+        features: bool | str = False
+        whole = False
+        for peer in trainer.callbacks:
+            read = peer.upcoming_read(trainer, pl_module) if isinstance(peer, InterpretationCallback) else None
+            if peer is self or read is None or read.dataset is not dataset:
+                continue
+            layers.update(read.layers)
+            features = features or ((peer.head or True) if read.features else False)
+            whole = whole or read.whole
+        return layers, features, whole
 
     def resolve_probe(self, trainer, pl_module) -> ProbeData:
         """The probe to analyse now: the whole probe set, or its coreset (chosen on schedule)."""

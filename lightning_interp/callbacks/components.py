@@ -259,6 +259,9 @@ class ComponentAttribution(InterpretationCallback):
                                       self.seed + self.analysed_epoch(trainer), self.max_batch_size, self.ridge)
         return weights.mean(0)
 
+    def upcoming_read(self, trainer, pl_module) -> None:
+        return None  # ablated forward passes of its own: nothing another callback's pass could serve
+
     def _components(self, pl_module, x: torch.Tensor) -> Components:
         """The components to attribute: those of the chosen layers that ``forward()`` calls. Default layers that it
         never calls are left out with one warning; layers the user named must all run."""

@@ -9,6 +9,7 @@ Scores are averaged over the scheduled epochs: one snapshot is noisy, the averag
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Literal, Union
 
 import torch
@@ -33,7 +34,7 @@ from ..methods.mirrored import (
 from ..plots import image_gallery, looks_like_images
 from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device, run_probe
 from ..report import markdown_table
-from .base import InterpretationCallback, _source_name, resolve_dataset
+from .base import InterpretationCallback, PendingRead, _source_name, resolve_dataset
 
 DataSource = Union[Literal["val", "train"], Dataset]
 
@@ -196,6 +197,10 @@ class MirroredInfluence(InterpretationCallback):
         return torch.cat(xs), y
 
     # -- one scheduled run -----------------------------------------------------------------------------
+    def upcoming_read(self, trainer, pl_module) -> PendingRead | None:
+        read = super().upcoming_read(trainer, pl_module)  # outputs (and the head's input for the leak search) only
+        return None if read is None else replace(read, layers={}, features=self.leak_queries is not None)
+
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         start = time.perf_counter()
         if self._trusted_xy is None:
