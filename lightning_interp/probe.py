@@ -223,19 +223,17 @@ class ProbeOutputs:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     features: torch.Tensor | None = None
 
-    def select(self, layer_names) -> ProbeOutputs:
-        """The same outputs with only ``layer_names`` among the activations."""
-        return ProbeOutputs(
-            self.outputs, self.labels, self.indices, {n: self.activations[n] for n in layer_names}, self.features
-        )
-
-    def take(self, rows: torch.Tensor, layer_names) -> ProbeOutputs:
-        """Rows ``rows`` (positions, in that order) with only ``layer_names`` among the activations."""
-        if len(rows) == len(self.indices) and torch.equal(rows, torch.arange(len(rows))):
-            return self.select(layer_names)  # all of it, in order: no copy
+    def take(self, rows: torch.Tensor, layer_names, features: bool = True) -> ProbeOutputs:
+        """Rows ``rows`` (positions, in that order) with only ``layer_names`` among the activations (and the
+        features only with ``features``: every reader of one probe then gets the same fields, as DDP's gather
+        of them needs)."""
+        kept = self.features if features else None
+        if len(rows) == len(self.indices) and torch.equal(rows, torch.arange(len(rows))):  # all of it, in order
+            return ProbeOutputs(self.outputs, self.labels, self.indices, {n: self.activations[n] for n in layer_names},
+                                kept)
         pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
         return ProbeOutputs(pick(self.outputs), pick(self.labels), self.indices[rows],
-                            {n: pick(self.activations[n]) for n in layer_names}, pick(self.features))
+                            {n: pick(self.activations[n]) for n in layer_names}, pick(kept))
 
     def require_class_labels(self, who: str) -> torch.Tensor:
         """The integer labels, or a clear error saying that ``who`` needs a classification probe."""
@@ -340,12 +338,14 @@ class ProbeCache:
     """Share forward passes between callbacks that read the same dataset at the same training step.
 
     A request is served from any cached pass that covers its samples (a coreset is read out of a pass over the
-    whole probe) and recorded its layers and, if asked, the output head's input. Entries live until the step
-    changes or any weight or buffer does (a callback that prunes or swaps weights between two readers, a second
-    ``fit`` that restarts the step count). On a miss one pass runs over the requested samples (or ``covering``,
-    a probe over more of the same dataset that another reader will need), recording the union of the layers
-    asked for, ``extra_layers`` (what the other callbacks due at this step will read; left out where unreadable)
-    and the layers of an earlier pass over the same samples; it then serves everyone.
+    whole probe; with ``exact``, only from a pass over exactly its samples) and recorded its layers and, if
+    asked, the output head's input. Entries live until the step changes or any weight or buffer does (a callback
+    that prunes or swaps weights between two readers, a second ``fit`` that restarts the step count), and are
+    kept per dataset and ``batch_to_xy``. On a miss one pass runs over the requested samples (or ``covering``, a
+    probe over more of the same dataset that another reader will need), recording the union of the layers asked
+    for, the layers of an earlier pass over the same samples, and what other readers due at this step asked for
+    (``extra_layers``, ``extra_features``). What others asked for is best effort: a layer of theirs that cannot
+    be read is left out, and if the pass fails with their additions it runs again without them.
     """
 
     def __init__(self) -> None:
@@ -364,6 +364,7 @@ class ProbeCache:
         extra_layers: Mapping[str, nn.Module] | None = None,
         extra_features: bool | str = False,
         covering: ProbeData | None = None,
+        exact: bool = False,
     ) -> ProbeOutputs:
         weights = WeightsFingerprint(model)
         if step != self._step or weights != self._weights:
@@ -372,23 +373,35 @@ class ProbeCache:
         entries = self._entries.setdefault(key, [])
         head = resolve_head(model, features if isinstance(features, str) else None) if features else None
         for cached, cached_head in entries:
+            if exact and not torch.equal(cached.indices, probe.indices):
+                continue
             rows = _rows_of(cached.indices, probe)
             if rows is not None and set(layers) <= set(cached.activations) and head in (None, cached_head):
-                return cached.take(rows, list(layers))
+                return cached.take(rows, list(layers), features=head is not None)
 
         target = covering if covering is not None else probe
         optional = dict(extra_layers or {})
+        pass_head = head
         same = next(((c, h) for c, h in entries if torch.equal(c.indices, target.indices)), None)
         if same is not None:  # a pass over these samples exists: the new one replaces it, recording its layers too
-            entries.remove(same)
             optional.update({n: model.get_submodule(n) for n in same[0].activations})
-            head = head or same[1]
-        if head is None and extra_features:
-            head = resolve_head(model, extra_features if isinstance(extra_features, str) else None)
-        result = run_probe(model, target, layers, pool=True, features=head or False, optional_layers=optional)
+            pass_head = pass_head or same[1]
+        if pass_head is None and extra_features:
+            pass_head = resolve_head(model, extra_features if isinstance(extra_features, str) else None)
+        try:
+            result = run_probe(model, target, layers, pool=True, features=pass_head or False, optional_layers=optional)
+        except Exception:
+            if target is probe and not optional and pass_head == head:
+                raise
+            # what other readers added broke the pass (a head they guessed wrong, a layer they cannot read): run
+            # the request alone, which raises if the request itself is the problem
+            target, pass_head, same = probe, head, None
+            result = run_probe(model, probe, layers, pool=True, features=head or False)
         self.forward_passes += 1
-        entries.append((result, head))
-        return result.take(_rows_of(result.indices, probe), list(layers))
+        if same is not None:
+            entries.remove(same)
+        entries.append((result, pass_head))
+        return result.take(_rows_of(result.indices, probe), list(layers), features=head is not None)
 
 
 def _rows_of(cached_indices: torch.Tensor, probe: ProbeData) -> torch.Tensor | None:

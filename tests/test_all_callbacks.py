@@ -150,3 +150,43 @@ def test_callbacks_due_at_one_step_share_one_pass_over_the_training_set(tmp_path
     assert probe_cache(model).forward_passes == 1
     assert clusters.coreset_["size"] == 96 and clusters.coreset_["fidelity"] is not None and clusters.results_
     assert int(mirrored.scores_.isfinite().sum()) == len(mirrored.scores_)
+
+
+def test_a_peer_whose_head_guess_is_wrong_does_not_break_another_callbacks_pass(tmp_path):
+    """What a callback due at the same step adds to a shared pass is best effort: MirroredInfluence guesses the
+    output head (the last Conv/Linear registered: an unused auxiliary layer here) and fails on its own, while
+    LayerClusters, told the real head, analyses as it would alone."""
+    from torch import nn
+
+    from lightning_interp.alerts import InterpretationWarning
+
+    class WithAuxiliaryLast(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(64, 5)  # registered last, never called
+
+    clusters = LayerClusters(every_n_epochs=1, probe_size=96, label_map_images=0, embeddings="none", head="fc2")
+    mirrored = MirroredInfluence(every_n_epochs=1)
+    with pytest.warns(InterpretationWarning, match="MirroredInfluence skipped epoch 0"):
+        make_trainer(tmp_path, [clusters, mirrored], max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(
+            WithAuxiliaryLast(), DigitsDataModule(noise_fraction=0.1, n_leaked=0))
+    assert list(clusters.results_) == ["conv1", "conv2", "conv3", "fc1"] and clusters.skipped_ == []
+    assert clusters.coreset_["fidelity"] is not None
+    assert mirrored.skipped_ and "aux" in mirrored.skipped_[0]["error"]
+
+
+def test_a_coreset_readers_layers_are_not_recorded_for_every_sample_of_a_large_pass(tmp_path, monkeypatch):
+    """Memory: LayerClusters' layers go into MirroredInfluence's whole-set pass only when that pass is no larger than
+    the fidelity reference LayerClusters records itself."""
+    from lightning_interp.callbacks.base import InterpretationCallback, probe_cache
+
+    monkeypatch.setattr(InterpretationCallback, "fidelity_reference_size", 200)  # the training set has 1,257
+    mirrored = MirroredInfluence(every_n_epochs=1, leak_queries=None, strict=True)
+    clusters = LayerClusters(every_n_epochs=1, probe_size=96, label_map_images=0, embeddings="none",
+                             probe_fidelity=False, strict=True)
+    model = DigitsCNN()
+    make_trainer(tmp_path, [mirrored, clusters], max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(
+        model, DigitsDataModule(noise_fraction=0.1, n_leaked=0))
+    passes = [entry for entries in probe_cache(model)._entries.values() for entry, _ in entries]
+    assert sorted((len(p.indices), sorted(p.activations)) for p in passes) == [
+        (96, ["conv1", "conv2", "conv3", "fc1"]), (1257, [])]

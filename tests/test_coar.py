@@ -507,3 +507,31 @@ def test_modules_forward_never_calls_are_left_out_of_the_default_components(tmp_
                                  every_n_epochs=1)
     with pytest.raises(C.AblationError, match=r"\['aux'\] never run .* Layers that ran: \['fc1'\]"):
         fit(named)
+
+
+def test_silent_modules_checks_every_example_and_leaves_a_training_model_alone():
+    """Routed modules (experts) that only some examples use are not silent; the check itself runs in eval mode."""
+
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.bn(x)
+            route = x[:, 0].gt(0).long() + x[:, 1].gt(0).long()  # 0, 1 or 2 per example
+            mixed = torch.zeros_like(x)
+            for k, expert in enumerate(self.experts):
+                if bool((route == k).any()):
+                    mixed[route == k] = expert(x[route == k])
+            return self.out(mixed)
+
+    model = Routed().train()
+    x = torch.tensor([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0]] + [[-1.0, -1.0, 0, 0]] * 300 + [[1.0, -1.0, 0, 0]])
+    components = C.find_components(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    assert C.silent_modules(model, components, x[:2]) == ["experts.0", "experts.1"]
+    assert C.silent_modules(model, components, x, batch_size=64) == []  # expert 1 first runs in the last batch
+    assert model.training and all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())

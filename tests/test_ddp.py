@@ -27,6 +27,9 @@ def test_sharded_probe_gathers_to_the_single_process_result(tmp_path):
     for name, act in single.activations.items():
         torch.testing.assert_close(gathered.activations[name], act[order], rtol=1e-5, atol=1e-6)
     assert result["coreset"]["size"] == len(single.indices)
+    part, part_single = result["part"]
+    assert part.features is None and torch.equal(part.indices, part_single.indices.sort().values)
+    torch.testing.assert_close(part.outputs, part_single.outputs[torch.argsort(part_single.indices)])
     first, second = result["buffers"]
     assert not torch.equal(first, second) and bool((second == 10.0).all())  # rank zero's new values, on every rank
 

@@ -28,6 +28,7 @@ from ..probe import (
     ProbeData,
     ProbeDataError,
     ProbeOutputs,
+    default_batch_to_xy,
     inputs_in_model_dtype,
 )
 from ..report import Reporter, markdown_table
@@ -121,12 +122,13 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
 @dataclass(frozen=True)
 class PendingRead:
     """What a callback's coming analysis reads: ``layers`` (pooled) and, with ``features``, the output head's
-    input, from ``dataset``, all of it (``whole``) or a coreset."""
+    input, from ``dataset`` split by ``batch_to_xy``, all of it (``whole``) or a coreset."""
 
     dataset: Dataset
+    batch_to_xy: BatchToXY
     whole: bool
     layers: dict[str, nn.Module]
-    features: bool
+    features: bool | str  # the head whose input is read (``head or True``), or False
 
 
 class InterpretationCallback(Callback):
@@ -450,13 +452,15 @@ class InterpretationCallback(Callback):
         features = (self.head or True) if features else False
         step = training_step_key(trainer)
         world = trainer.world_size
-        extra_layers, extra_features, whole = self._reads_alongside(trainer, pl_module, probe.dataset)
-        shared = dict(extra_layers=extra_layers, extra_features=extra_features)
         if world <= 1:
+            extra_layers, extra_features, whole = self._reads_alongside(trainer, pl_module, probe)
             covering = ProbeData(probe.dataset, None, probe.batch_size, probe.batch_to_xy) if whole else None
-            return cache.get(pl_module, probe, layers or {}, step, features=features, covering=covering, **shared)
+            return cache.get(pl_module, probe, layers or {}, step, features=features, covering=covering,
+                             extra_layers=extra_layers, extra_features=extra_features)
+        # Under DDP every rank must hit or miss alike (a forward pass can itself be a collective, e.g. FSDP):
+        # only a pass over exactly the same shard serves, and passes record only what was asked for.
         shard = probe.subset(shard_positions(len(probe), trainer.global_rank, world))
-        local = cache.get(pl_module, shard, layers or {}, step, features=features, **shared)
+        local = cache.get(pl_module, shard, layers or {}, step, features=features, exact=True)
         return gather_outputs(trainer.strategy, local)
 
     def upcoming_read(self, trainer, pl_module) -> PendingRead | None:
@@ -468,24 +472,27 @@ class InterpretationCallback(Callback):
         if self._last_run_step == training_step_key(trainer):
             return None
         try:
-            return PendingRead(resolve_dataset(trainer, self.probe), self.probe_size is None,
-                               self.select_layers(pl_module), False)
+            return PendingRead(resolve_dataset(trainer, self.probe), self.batch_to_xy or default_batch_to_xy,
+                               self.probe_size is None, self.select_layers(pl_module), False)
         except Exception:  # its own run reports it
             return None
 
-    def _reads_alongside(self, trainer, pl_module, dataset) -> tuple[dict[str, nn.Module], bool | str, bool]:
+    def _reads_alongside(self, trainer, pl_module, probe: ProbeData) -> tuple[dict[str, nn.Module], bool | str, bool]:
         """The layers, head input (``head or True``) and whole-dataset need of the other callbacks about to read
-        ``dataset`` at this step."""
+        ``probe``'s dataset (the same way) at this step. A coreset reader's layers and head input are recorded
+        only in passes of at most ``fidelity_reference_size`` samples, the most it records itself (its fidelity
+        reference): recording them for every sample of a large dataset would cost more memory than it saves."""
+        reads = [read for peer in trainer.callbacks if peer is not self and isinstance(peer, InterpretationCallback)
+                 for read in [peer.upcoming_read(trainer, pl_module)]
+                 if read is not None and read.dataset is probe.dataset and read.batch_to_xy is probe.batch_to_xy]
+        whole = any(read.whole for read in reads)
+        rows = probe.dataset_size if whole else len(probe)
         layers: dict[str, nn.Module] = {}
         features: bool | str = False
-        whole = False
-        for peer in trainer.callbacks:
-            read = peer.upcoming_read(trainer, pl_module) if isinstance(peer, InterpretationCallback) else None
-            if peer is self or read is None or read.dataset is not dataset:
-                continue
-            layers.update(read.layers)
-            features = features or ((peer.head or True) if read.features else False)
-            whole = whole or read.whole
+        for read in reads:
+            if read.whole or rows <= self.fidelity_reference_size:
+                layers.update(read.layers)
+                features = features or read.features
         return layers, features, whole
 
     def resolve_probe(self, trainer, pl_module) -> ProbeData:

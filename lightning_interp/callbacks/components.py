@@ -19,7 +19,7 @@ from ..methods.coar import (
     heldout_correlation,
     silent_modules,
 )
-from ..probe import ProbeData, ProbeDataError, evaluation_mode, model_device
+from ..probe import ProbeData, ProbeDataError, model_device
 from ..report import markdown_table, run_dir
 from .base import InterpretationCallback, ProbeSource
 
@@ -263,11 +263,10 @@ class ComponentAttribution(InterpretationCallback):
         return None  # ablated forward passes of its own: nothing another callback's pass could serve
 
     def _components(self, pl_module, x: torch.Tensor) -> Components:
-        """The components to attribute: those of the chosen layers that ``forward()`` calls. Default layers that it
-        never calls are left out with one warning; layers the user named must all run."""
+        """The components to attribute: those of the chosen layers that ``forward()`` calls on the probe examples.
+        Default layers it never calls are left out with one warning; layers the user named must all run."""
         components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
-        with evaluation_mode(pl_module):
-            silent = silent_modules(pl_module, components, x[:2])
+        silent = silent_modules(pl_module, components, x, self.max_batch_size)
         if not silent:
             return components
         ran = [g.name for g in components.groups if g.name not in silent]

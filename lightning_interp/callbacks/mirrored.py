@@ -199,7 +199,8 @@ class MirroredInfluence(InterpretationCallback):
     # -- one scheduled run -----------------------------------------------------------------------------
     def upcoming_read(self, trainer, pl_module) -> PendingRead | None:
         read = super().upcoming_read(trainer, pl_module)  # outputs (and the head's input for the leak search) only
-        return None if read is None else replace(read, layers={}, features=self.leak_queries is not None)
+        features = (self.head or True) if self.leak_queries is not None else False
+        return None if read is None else replace(read, layers={}, features=features)
 
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         start = time.perf_counter()

@@ -137,15 +137,20 @@ class Components:
         return Components(tuple(kept))
 
 
-def silent_modules(model: nn.Module, components: Components, x: Tensor) -> list[str]:
-    """The component modules that a forward pass of ``model`` over ``x`` never calls (unused or auxiliary
-    modules: ablating them cannot change a margin, so their attributions would only fit noise)."""
+def silent_modules(model: nn.Module, components: Components, x: Tensor, batch_size: int = 256) -> list[str]:
+    """The component modules that no forward pass of ``model`` over the examples ``x`` calls (unused or auxiliary
+    modules, or experts the router never picks on these examples: ablating them cannot change a margin here, so
+    their attributions would only fit noise). Runs under :func:`~lightning_interp.probe.evaluation_mode`, batch by
+    batch, and stops once every module has run."""
     called: set[str] = set()
     handles = [model.get_submodule(g.name).register_forward_hook(lambda *_, name=g.name: called.add(name))
                for g in components.groups]
     try:
-        with torch.no_grad():
-            model(x)
+        with evaluation_mode(model):
+            for start in range(0, len(x), batch_size):
+                model(x[start : start + batch_size])
+                if len(called) == len(components.groups):
+                    break
     finally:
         for handle in handles:
             handle.remove()

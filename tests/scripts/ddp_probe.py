@@ -27,9 +27,14 @@ class GatherCheck(InterpretationCallback):
         layers = self.select_layers(pl_module)
         gathered = self.forward_probe(trainer, pl_module, probe, layers, features=True)
         full = run_probe(pl_module, ProbeData(probe.dataset, probe.indices), layers, features=True)
+        # a part of the probe right after it: ranks whose shard of the part lies inside their cached shard must not
+        # be served while the others run a pass (different gathers, a hang); nor may features nobody asked for come
+        part = probe.subset(torch.tensor([4, 5, 7]))
+        part_gathered = self.forward_probe(trainer, pl_module, part, layers)
+        part_single = run_probe(pl_module, ProbeData(part.dataset, part.indices), layers)
         if trainer.is_global_zero:
             torch.save({"gathered": gathered, "single": full, "world_size": trainer.world_size,
-                        "coreset": self.coreset_}, self.out_path)
+                        "coreset": self.coreset_, "part": (part_gathered, part_single)}, self.out_path)
 
 
 class BufferReuseCheck(Callback):
