@@ -352,7 +352,8 @@ class ProbeCache:
         self._step: object = None
         self._weights: WeightsFingerprint | None = None
         self._entries: dict[tuple, list[tuple[ProbeOutputs, str | None]]] = {}  # per dataset: (pass, its head)
-        self.forward_passes = 0  # for tests and profiling
+        self._failed_additions: set[tuple] = set()  # datasets whose passes others' additions broke at this step
+        self.forward_passes = 0  # passes run (attempts included), for tests and profiling
 
     def get(
         self,
@@ -368,7 +369,7 @@ class ProbeCache:
     ) -> ProbeOutputs:
         weights = WeightsFingerprint(model)
         if step != self._step or weights != self._weights:
-            self._step, self._weights, self._entries = step, weights, {}
+            self._step, self._weights, self._entries, self._failed_additions = step, weights, {}, set()
         key = (id(model), id(probe.dataset), id(probe.batch_to_xy))
         entries = self._entries.setdefault(key, [])
         head = resolve_head(model, features if isinstance(features, str) else None) if features else None
@@ -379,25 +380,30 @@ class ProbeCache:
             if rows is not None and set(layers) <= set(cached.activations) and head in (None, cached_head):
                 return cached.take(rows, list(layers), features=head is not None)
 
+        if key in self._failed_additions:  # what others added broke a pass at this step: not again
+            covering, extra_layers, extra_features = None, None, False
         target = covering if covering is not None else probe
-        optional = dict(extra_layers or {})
-        pass_head = head
         same = next(((c, h) for c, h in entries if torch.equal(c.indices, target.indices)), None)
-        if same is not None:  # a pass over these samples exists: the new one replaces it, recording its layers too
-            optional.update({n: model.get_submodule(n) for n in same[0].activations})
-            pass_head = pass_head or same[1]
-        if pass_head is None and extra_features:
-            pass_head = resolve_head(model, extra_features if isinstance(extra_features, str) else None)
+        plain = target is probe and not extra_layers and not extra_features and same is None
         try:
+            optional = dict(extra_layers or {})
+            pass_head = head
+            if same is not None:  # a pass over these samples exists: the new one replaces it, recording its layers too
+                optional.update({n: model.get_submodule(n) for n in same[0].activations})
+                pass_head = pass_head or same[1]
+            if pass_head is None and extra_features:
+                pass_head = resolve_head(model, extra_features if isinstance(extra_features, str) else None)
+            self.forward_passes += 1
             result = run_probe(model, target, layers, pool=True, features=pass_head or False, optional_layers=optional)
         except Exception:
-            if target is probe and not optional and pass_head == head:
+            if plain:
                 raise
             # what other readers added broke the pass (a head they guessed wrong, a layer they cannot read): run
             # the request alone, which raises if the request itself is the problem
-            target, pass_head, same = probe, head, None
+            self._failed_additions.add(key)
+            pass_head, same = head, None
+            self.forward_passes += 1
             result = run_probe(model, probe, layers, pool=True, features=head or False)
-        self.forward_passes += 1
         if same is not None:
             entries.remove(same)
         entries.append((result, pass_head))

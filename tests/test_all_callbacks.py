@@ -175,9 +175,11 @@ def test_a_peer_whose_head_guess_is_wrong_does_not_break_another_callbacks_pass(
     assert mirrored.skipped_ and "aux" in mirrored.skipped_[0]["error"]
 
 
-def test_a_coreset_readers_layers_are_not_recorded_for_every_sample_of_a_large_pass(tmp_path, monkeypatch):
-    """Memory: LayerClusters' layers go into MirroredInfluence's whole-set pass only when that pass is no larger than
-    the fidelity reference LayerClusters records itself."""
+@pytest.mark.parametrize("clusters_first", [False, True])
+def test_a_coreset_readers_layers_are_not_recorded_for_every_sample_of_a_large_pass(tmp_path, monkeypatch,
+                                                                                    clusters_first):
+    """Memory: LayerClusters' layers go into a whole-set pass (MirroredInfluence's, or one run for it) only when that
+    pass is no larger than the fidelity reference LayerClusters records itself."""
     from lightning_interp.callbacks.base import InterpretationCallback, probe_cache
 
     monkeypatch.setattr(InterpretationCallback, "fidelity_reference_size", 200)  # the training set has 1,257
@@ -185,7 +187,8 @@ def test_a_coreset_readers_layers_are_not_recorded_for_every_sample_of_a_large_p
     clusters = LayerClusters(every_n_epochs=1, probe_size=96, label_map_images=0, embeddings="none",
                              probe_fidelity=False, strict=True)
     model = DigitsCNN()
-    make_trainer(tmp_path, [mirrored, clusters], max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(
+    callbacks = [clusters, mirrored] if clusters_first else [mirrored, clusters]
+    make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(
         model, DigitsDataModule(noise_fraction=0.1, n_leaked=0))
     passes = [entry for entries in probe_cache(model)._entries.values() for entry, _ in entries]
     assert sorted((len(p.indices), sorted(p.activations)) for p in passes) == [

@@ -505,8 +505,13 @@ def test_modules_forward_never_calls_are_left_out_of_the_default_components(tmp_
 
     named = ComponentAttribution(layers=["fc1", "aux"], n_masks=40, n_eval_masks=10, probe_size=10, strict=True,
                                  every_n_epochs=1)
-    with pytest.raises(C.AblationError, match=r"\['aux'\] never run .* Layers that ran: \['fc1'\]"):
+    with pytest.warns(InterpretationWarning, match=r"leaves out \['aux'\]: forward\(\) calls them on none of the 10"):
         fit(named)
+    assert named.component_names_[0] == "fc1[0]" and len(named.component_names_) == 64
+    only_silent = ComponentAttribution(layers=["aux"], n_masks=40, n_eval_masks=10, probe_size=10, strict=True,
+                                       every_n_epochs=1)
+    with pytest.raises(C.AblationError, match=r"calls none of the chosen layers \['aux'\].*Available layers"):
+        fit(only_silent)
 
 
 def test_silent_modules_checks_every_example_and_leaves_a_training_model_alone():

@@ -135,6 +135,24 @@ def test_cache_serves_a_coreset_from_a_pass_over_more_samples_and_records_the_ex
     assert cache.forward_passes == 1 and first.indices.tolist() == [41, 3, 17, 3]
 
 
+def test_a_pass_that_other_readers_additions_break_runs_again_without_them_once_per_step():
+    class WithAuxiliaryLast(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(64, 5)  # registered last, never called: a wrong guess of the output head
+
+    model = WithAuxiliaryLast()
+    data = TensorDataset(torch.rand(30, 1, 8, 8), torch.randint(0, 10, (30,)))
+    cache = ProbeCache()
+    whole = cache.get(model, ProbeData(data), {"fc1": model.fc1}, step=0, extra_features=True)
+    assert cache.forward_passes == 2 and len(whole.indices) == 30  # the failed attempt counts
+    part = ProbeData(data, torch.tensor([2, 9]))
+    cache.get(model, part, {"conv1": model.conv1}, step=0, extra_features=True)
+    assert cache.forward_passes == 3  # the additions are not tried again at this step
+    with pytest.raises(ProbeDataError, match="never called it"):  # the reader's own request still fails clearly
+        cache.get(model, part, {"conv1": model.conv1}, step=0, features=True)
+
+
 def test_cache_is_not_served_after_a_weight_changed_at_the_same_step():
     model = DigitsCNN()
     probe = ProbeData(TensorDataset(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))))

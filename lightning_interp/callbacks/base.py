@@ -454,7 +454,10 @@ class InterpretationCallback(Callback):
         world = trainer.world_size
         if world <= 1:
             extra_layers, extra_features, whole = self._reads_alongside(trainer, pl_module, probe)
-            covering = ProbeData(probe.dataset, None, probe.batch_size, probe.batch_to_xy) if whole else None
+            # a whole-set pass for another reader records this request's layers for every sample: only when that
+            # stays within what a coreset reader records anyway (memory), or there is nothing of its own to record
+            small = probe.dataset_size <= self.fidelity_reference_size or not (layers or features)
+            covering = ProbeData(probe.dataset, None, probe.batch_size, probe.batch_to_xy) if whole and small else None
             return cache.get(pl_module, probe, layers or {}, step, features=features, covering=covering,
                              extra_layers=extra_layers, extra_features=extra_features)
         # Under DDP every rank must hit or miss alike (a forward pass can itself be a collective, e.g. FSDP):

@@ -10,6 +10,7 @@ from typing import Any, Union
 
 import torch
 
+from ..capture import describe_layers
 from ..methods.coar import (
     LAYER_KINDS,
     AblationError,
@@ -59,8 +60,8 @@ class ComponentAttribution(InterpretationCallback):
         progress_bar: show a tqdm bar over the ablation passes (only when the trainer shows its own).
         probe, probe_size, probe_selector, probe_balance, layers, ...: see
             :class:`~lightning_interp.callbacks.base.InterpretationCallback`; ``layers`` globs choose the
-            modules whose components are attributed (default: every eligible module but the output layer and
-            those ``forward()`` never calls, which are left out with one warning).
+            modules whose components are attributed (default: every eligible module but the output layer).
+            Chosen modules that ``forward()`` calls on none of the probe examples are left out with one warning.
 
     Attributes:
         attributions_: ``[probe examples, components]`` effect on each margin of keeping each component.
@@ -251,10 +252,11 @@ class ComponentAttribution(InterpretationCallback):
 
         Both the coreset and the reference are fitted with the same seed, hence the same masks, and COAR's
         per-example least squares are independent: a coreset example gets the attribution it gets in the
-        reference fit, and only the averaging differs.
+        reference fit, and only the averaging differs. Every chosen component is fitted here, also one that
+        forward() skips on these examples, so the two vectors always have the same components.
         """
         x, y, _ = _probe_tensors(probe, model_device(pl_module))
-        components = self._components(pl_module, x)
+        components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
         weights, _ = fit_attributions(pl_module, components, x, y, self.n_masks, self.alpha,
                                       self.seed + self.analysed_epoch(trainer), self.max_batch_size, self.ridge)
         return weights.mean(0)
@@ -263,19 +265,22 @@ class ComponentAttribution(InterpretationCallback):
         return None  # ablated forward passes of its own: nothing another callback's pass could serve
 
     def _components(self, pl_module, x: torch.Tensor) -> Components:
-        """The components to attribute: those of the chosen layers that ``forward()`` calls on the probe examples.
-        Default layers it never calls are left out with one warning; layers the user named must all run."""
+        """The components to attribute: those of the chosen layers that ``forward()`` calls on the probe examples
+        ``x``. The others (unused modules, or experts the router picks for none of these examples) are left out
+        with one warning: ablating them cannot change a margin here, so their attributions would only fit noise."""
         components = find_components(pl_module, self.layers, self.layer_types, head=self.head)
         silent = silent_modules(pl_module, components, x, self.max_batch_size)
         if not silent:
             return components
         ran = [g.name for g in components.groups if g.name not in silent]
-        if self.layers is not None or not ran:
+        if not ran:
             raise AblationError(
-                f"layer(s) {silent} never run in {type(pl_module).__name__}.forward, so ablating them cannot change "
-                f"a margin; choose layers the forward pass uses. Layers that ran: {ran or 'none of those chosen'}")
-        self.warn_once("components:silent", f"ComponentAttribution leaves out {silent}: forward() never calls them, "
-                       "so ablating them could not change a margin (name the layers with layers=[...] to choose)")
+                f"forward() calls none of the chosen layers {silent} on the {len(x)} probe examples, so no ablation "
+                f"can change a margin; choose layers the forward pass uses. Available layers: "
+                f"{describe_layers(pl_module)}")
+        self.warn_once(f"components:silent:{silent}", f"ComponentAttribution leaves out {silent}: forward() calls "
+                       f"them on none of the {len(x)} probe examples, so ablating them could not change a margin "
+                       "(unused modules, or experts the router picks for none of these examples)")
         return components.without(silent)
 
     def _progress(self, trainer, total: int):
