@@ -11,13 +11,17 @@ Run from the repository root::
 (2) Validity, a trained model: a DigitsCNN trained 15 epochs on digits (10 classes); per layer, the per-sample
     fit on 512 and 256 training images (pooled activations), torch and scikit-learn; at ``max_dims`` 4, 8
     (default) and 16: clusters, NMI, ARI;
-    and at the default width, ``max_iter`` 100 (fit_dpgmm's default) against 50 (LayerClusters').
+    and at the default width, ``max_iter`` 100 (fit_dpgmm's default) against LayerClusters' default.
 (3) Cost: the fits of one callback run (scikit-learn one by one, torch one by one, torch batched), and a
     whole demo run (DigitsCNN on DigitsDataModule, 20 epochs,
     TensorBoard logger) without and with ``LayerClusters()`` at its defaults, in this process, alternating;
     the callback's own time is also measured directly (wall time inside its ``on_train_epoch_end``) and
     divided by the rest of the same run: the steadier ratio on a shared machine, where two identical runs
     differed by 2x in our measurements.
+(4) Convergence: the inputs of every fit of a demo run's LayerClusters, fitted again with ``max_iter`` 50 (the
+    callback's default until the fourth round), 100, 200 (its default now) and 500, and with scikit-learn (500):
+    are the default's counts converged?
+    (``--convergence-only`` runs just this.)
 
 The fits run on our torch implementation (``methods/vbgmm.py``, scikit-learn's updates, several fits batched);
 (1) and (2) put scikit-learn's ``BayesianGaussianMixture`` beside it on the same data, (3a) times both.
@@ -42,7 +46,7 @@ from lightning_interp.methods.dpgmm import cluster_agreement, fit_dpgmm, fit_dpg
 from _timing import best_time
 
 warnings.filterwarnings("ignore")
-CALLBACK_MAX_ITER = 50  # LayerClusters' default (fit_dpgmm's own default is 100)
+CALLBACK_MAX_ITER = LayerClusters().fit_options["max_iter"]  # 200 (fit_dpgmm's own default is 100)
 
 
 def planted_groups(k: int, n: int, dims: int, seed: int, spread: float = 4.0):
@@ -143,10 +147,11 @@ def trained_model_table(epochs: int) -> list[str]:
             fit = fit_dpgmm(act, y, max_dims=dims)
             cells.append(f"{fit.n_clusters} / {fit.nmi:.2f} / {fit.ari:.2f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    rows += ["", "| layer | max_iter=100: clusters / NMI / ARI / iterations | max_iter=50 (LayerClusters' default) |",
+    rows += ["", "| layer | max_iter=100: clusters / NMI / ARI / iterations | "
+             f"max_iter={CALLBACK_MAX_ITER} (LayerClusters' default) |",
              "|---|---|---|"]
     for name, act in rec_512.items():
-        fits = [fit_dpgmm(act, y, max_iter=m) for m in (100, 50)]
+        fits = [fit_dpgmm(act, y, max_iter=m) for m in (100, CALLBACK_MAX_ITER)]
         cells = [f"{f.n_clusters} / {f.nmi:.2f} / {f.ari:.2f} / {f.n_iter}" for f in fits]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
@@ -230,13 +235,55 @@ def overhead_table(epochs: int, pairs: int) -> list[str]:
     return rows
 
 
+class CapturingClusters(LayerClusters):
+    """LayerClusters that keeps the inputs of each run's fits (layer, kind) -> (rows, classes, row cap)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.captured: list[dict] = []
+
+    def _fit_all(self, requests):
+        self.captured.append(dict(requests))
+        return super()._fit_all(requests)
+
+
+def convergence_table(epochs: int) -> list[str]:
+    """The demo's own LayerClusters inputs (every run of a demo training), fitted again at several ``max_iter``:
+    how far the counts at the callback's default are from converged ones."""
+    callback = CapturingClusters()
+    with TemporaryDirectory() as root:
+        demo_run(epochs, callback, root)
+    iterations = (50, 100, 200, 500)
+    rows = ["Counts per fit (the callback's options, only `max_iter` varied; `*` = stopped at `max_iter` before the "
+            "lower bound settled, tol 1e-3); last column: scikit-learn, its own k-means start, `max_iter` 500.", "",
+            "| run | fit | " + " | ".join(f"max_iter {m}" + (" (default)" if m == CALLBACK_MAX_ITER else "")
+                                         for m in iterations) + " | scikit-learn, 500 |",
+            "|---" * (len(iterations) + 3) + "|"]
+    options = {k: v for k, v in callback.fit_options.items() if k != "max_iter"}
+    for run, requests in enumerate(callback.captured):
+        keys = list(requests)
+        per_iter = [fit_dpgmm_many([requests[k] for k in keys], max_iter=m, **options) for m in iterations]
+        reference = fit_dpgmm_many([requests[k] for k in keys], max_iter=500, backend="sklearn", **options)
+        for i, (layer, kind) in enumerate(keys):
+            cells = [f"{fits[i].n_clusters}{'' if fits[i].converged else '*'}" for fits in per_iter]
+            rows.append(f"| {run + 1} | {layer} ({kind}) | " + " | ".join(cells) + f" | {reference[i].n_clusters} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--pairs", type=int, default=2, help="demo runs without/with the callback")
+    parser.add_argument("--convergence-only", action="store_true", help="only section (4)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     seeds, epochs = (1, 6) if args.quick else (3, 20)
+    convergence = (f"(4) Convergence of the demo's own fits ({epochs}-epoch demo, LayerClusters() at defaults)",
+                   convergence_table(epochs))
+    if args.convergence_only:
+        print(f"python {' '.join(sys.argv)}; torch {torch.__version__}\n\n### {convergence[0]}\n")
+        print("\n".join(convergence[1]))
+        return
     sections = [
         ("(1) Planted Gaussian groups, dims 8/24/64 x seeds, fit_dpgmm defaults", synthetic_table(seeds, 512)),
         ("(1b) The same with 256 points", synthetic_table(seeds, 256)),
@@ -244,6 +291,7 @@ def main() -> None:
         ("(2) A trained model: per-sample clusters of each DigitsCNN layer vs the 10 classes", trained_model_table(15)),
         ("(3a) The fits of one LayerClusters run (best of 5, one thread)", fit_cost_table()),
         (f"(3b) Whole demo run, {epochs} epochs, LayerClusters() at defaults", overhead_table(epochs, args.pairs)),
+        convergence,
     ]
     print(f"python {' '.join(sys.argv)}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     for title, rows in sections:

@@ -11,7 +11,7 @@ variational posterior; the priors scikit-learn derives from the data):
   ``(W_0 + N_k (S_k + beta_0 / beta_k (xbar_k - m_0)^2)) / nu_k``;
 * responsibilities: ``log r_nk = E[log pi_k] + E[log N(x_n | mu_k, Lambda_k)]`` normalised over ``k``;
 * iterations stop when the evidence lower bound moves by less than ``tol`` (scikit-learn's rule), each fit
-  on its own: a converged fit is frozen while the others go on.
+  on its own: a converged fit keeps its parameters and leaves the batch, the others go on.
 
 Priors as in scikit-learn: ``m_0`` the data mean, ``beta_0 = 1``, ``nu_0 = D``, ``W_0`` the per-feature
 variance (``ddof=1``), ``reg_covar = 1e-6`` added to every variance.
@@ -188,6 +188,13 @@ class _Posterior:
         log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
         return entropy - log_wishart_norm.sum(1) + log_beta.sum(1) - 0.5 * self.dims * self.mean_precision.log().sum(1)
 
+    def write(self, index: Tensor, fits: "_Posterior") -> None:
+        """Store the variational parameters of ``fits`` (a :meth:`select` of this batch) as fits ``index``."""
+        if fits is self:
+            return
+        for mine, theirs in zip(self.state(), fits.state()):
+            mine[index] = theirs
+
     def select(self, index: Tensor) -> "_Posterior":
         """The fits ``index`` of this batch, as a posterior of their own."""
         chosen = _Posterior.__new__(_Posterior)
@@ -261,22 +268,24 @@ def fit_dp_mixtures(
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(len(x), dtype=torch.long, device=x.device)
     bound = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)
+    active, fits, rows = torch.arange(len(x), device=x.device), posterior, design  # the fits still iterating
     for _ in range(max_iter):
-        log_resp = torch.log_softmax(design @ posterior.coefficients(), dim=-1)  # the E-step
+        log_resp = torch.log_softmax(rows @ fits.coefficients(), dim=-1)  # the E-step
         resp = log_resp.exp()
         entropy = -(resp * log_resp).sum((1, 2))
-        previous = posterior.state()
-        posterior.update(resp.transpose(1, 2) @ design)
-        new_bound = posterior.lower_bound(entropy)
-        if done.any():  # converged fits keep their parameters
-            posterior.set_state([torch.where(done.view(-1, *[1] * (p.dim() - 1)), old, p)
-                                 for old, p in zip(previous, posterior.state())])
-            new_bound = torch.where(done, bound, new_bound)
-        n_iter += ~done
-        done = done | ((new_bound - bound).abs() < tol)
-        bound = new_bound
-        if bool(done.all()):
-            break
+        fits.update(resp.transpose(1, 2) @ rows)
+        new_bound = fits.lower_bound(entropy)
+        n_iter[active] += 1
+        settled = (new_bound - bound[active]).abs() < tol
+        bound[active] = new_bound
+        if bool(settled.any()):  # converged fits keep these parameters and leave the batch
+            done[active[settled]] = True
+            posterior.write(active, fits)
+            going = ~settled
+            active, fits, rows = active[going], fits.select(going), rows[going]
+            if len(active) == 0:
+                break
+    posterior.write(active, fits)
 
     best = bound.view(b, n_init).argmax(1) + torch.arange(b, device=x.device) * n_init
     weights = posterior.weights()[best]
