@@ -336,6 +336,10 @@ def test_summary_table_reads_generic_and_specific_by_depth(trained):
     assert all(ln.rstrip(" |").rsplit("| ", 1)[-1] in readings for ln in lines[2:6])
     fc1 = next(ln for ln in lines if "| fc1 |" in ln)
     assert f"{cb.results_['fc1']['n_clusters']}" in fc1 and "n/a" in fc1  # no position clusters for fc1
+    fit = cb.results_["fc1"]
+    assert 1 <= fit["n_iter"] <= cb.fit_options["max_iter"] and isinstance(fit["converged"], bool)
+    assert f"| {'yes' if fit['converged'] else 'no'} ({fit['n_iter']} it.) |" in fc1
+    assert cb.history_[-1]["converged"] == cb.results_[cb.history_[-1]["layer"]]["converged"]
 
 
 def test_sharp_change_alert_and_state_round_trip(trained):

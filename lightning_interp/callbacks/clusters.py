@@ -78,10 +78,11 @@ class LayerClusters(InterpretationCallback):
 
     Attributes:
         results_: per layer name, the last run's ``{"n_clusters", "weights", "nmi", "ari", "labels",
-            "position_clusters", "epoch"}`` (``nmi``/``ari`` ``None`` without labels; ``position_clusters``
-            ``None`` for non-conv layers).
+            "position_clusters", "converged", "n_iter", "epoch"}`` (``nmi``/``ari`` ``None`` without labels;
+            ``position_clusters`` ``None`` for non-conv layers; ``converged``: the per-sample fit's lower bound
+            settled within ``max_iter``, otherwise its count overstates the converged one).
         history_: one row per run and layer: ``{"epoch", "layer", "n_clusters", "nmi", "ari",
-            "position_clusters"}``.
+            "position_clusters", "converged"}``.
     """
 
     tag = "clusters"
@@ -169,10 +170,11 @@ class LayerClusters(InterpretationCallback):
             results[name] = {
                 "n_clusters": fit.n_clusters, "weights": fit.weights, "nmi": fit.nmi, "ari": fit.ari,
                 "labels": fit.labels, "position_clusters": position_fit.n_clusters if position_fit else None,
-                "epoch": epoch,
+                "converged": fit.converged, "n_iter": fit.n_iter, "epoch": epoch,
             }
             self.history_.append({"epoch": epoch, "layer": name, "n_clusters": fit.n_clusters, "nmi": fit.nmi,
-                                  "ari": fit.ari, "position_clusters": results[name]["position_clusters"]})
+                                  "ari": fit.ari, "position_clusters": results[name]["position_clusters"],
+                                  "converged": fit.converged})
             self._log_layer(name, fit, position_fit, label_maps, inputs)
         self.results_.update(results)
         if self.embeddings != "none" and results:
@@ -268,12 +270,14 @@ class LayerClusters(InterpretationCallback):
         for depth, name in enumerate(layers):
             r = results.get(name)
             if r is None:
-                rows.append([depth, name, "skipped", "", "", "", ""])
+                rows.append([depth, name, "skipped", "", "", "", "", ""])
                 continue
             shown = ["n/a" if r[key] is None else r[key] for key in ("position_clusters", "nmi", "ari")]
-            rows.append([depth, name, r["n_clusters"], *shown, _reading(r["nmi"])])
+            converged = r.get("converged")
+            fit_state = "n/a" if converged is None else f"{'yes' if converged else 'no'} ({r.get('n_iter')} it.)"
+            rows.append([depth, name, r["n_clusters"], *shown, fit_state, _reading(r["nmi"])])
         table = markdown_table(
-            ["depth", "layer", "clusters (samples)", "clusters (positions)", "NMI", "ARI", "reading"], rows
+            ["depth", "layer", "clusters (samples)", "clusters (positions)", "NMI", "ARI", "converged", "reading"], rows
         )
         return (table + f"\n\nReading: NMI < {GENERIC_BELOW} generic (freeze/transfer), > {SPECIFIC_ABOVE} "
                 "class-specific (retrain for a new task).")
