@@ -364,7 +364,7 @@ class InterpretationCallback(Callback):
         self.policy.hook_errors = []
         self._last_run_step = training_step_key(trainer)
         try:
-            with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, training_step_key(trainer)):
+            with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, self._last_run_step):
                 try:
                     self.compute(trainer, pl_module, self.resolve_probe(trainer, pl_module))
                 except UnreadableLayers as err:
@@ -453,11 +453,8 @@ class InterpretationCallback(Callback):
         step = training_step_key(trainer)
         world = trainer.world_size
         if world <= 1:
-            extra_layers, extra_features, whole = self._reads_alongside(trainer, pl_module, probe)
-            # a whole-set pass for another reader records this request's layers for every sample: only when that
-            # stays within what a coreset reader records anyway (memory), or there is nothing of its own to record
-            small = probe.dataset_size <= self.fidelity_reference_size or not (layers or features)
-            covering = ProbeData(probe.dataset, None, probe.batch_size, probe.batch_to_xy) if whole and small else None
+            extra_layers, extra_features, covering = self._reads_alongside(trainer, pl_module, probe,
+                                                                           bool(layers or features))
             return cache.get(pl_module, probe, layers or {}, step, features=features, covering=covering,
                              extra_layers=extra_layers, extra_features=extra_features)
         # Under DDP every rank must hit or miss alike (a forward pass can itself be a collective, e.g. FSDP):
@@ -480,23 +477,31 @@ class InterpretationCallback(Callback):
         except Exception:  # its own run reports it
             return None
 
-    def _reads_alongside(self, trainer, pl_module, probe: ProbeData) -> tuple[dict[str, nn.Module], bool | str, bool]:
-        """The layers, head input (``head or True``) and whole-dataset need of the other callbacks about to read
-        ``probe``'s dataset (the same way) at this step. A coreset reader's layers and head input are recorded
-        only in passes of at most ``fidelity_reference_size`` samples, the most it records itself (its fidelity
-        reference): recording them for every sample of a large dataset would cost more memory than it saves."""
+    def _reads_alongside(self, trainer, pl_module, probe: ProbeData, records: bool
+                         ) -> tuple[dict[str, nn.Module], bool | str, ProbeData | None]:
+        """What a pass over ``probe`` should also record for the other callbacks about to read its dataset (the same
+        way) at this step: their layers, their head input (``head or True``), and the whole dataset to pass over
+        when one of them reads all of it (else ``None``).
+
+        Memory: no pass of more than ``fidelity_reference_size`` samples (the most a coreset reader records
+        itself, its fidelity reference) records a coreset reader's layers — neither another's, nor this request's
+        own (``records``) by widening its pass to the whole set for a peer.
+        """
         reads = [read for peer in trainer.callbacks if peer is not self and isinstance(peer, InterpretationCallback)
                  for read in [peer.upcoming_read(trainer, pl_module)]
                  if read is not None and read.dataset is probe.dataset and read.batch_to_xy is probe.batch_to_xy]
-        whole = any(read.whole for read in reads)
-        rows = probe.dataset_size if whole else len(probe)
+        cap = self.fidelity_reference_size
+        widen = (any(read.whole for read in reads) and len(probe) < probe.dataset_size
+                 and (probe.dataset_size <= cap or not records))
+        covering = ProbeData(probe.dataset, None, probe.batch_size, probe.batch_to_xy) if widen else None
+        rows = probe.dataset_size if widen else len(probe)
         layers: dict[str, nn.Module] = {}
         features: bool | str = False
         for read in reads:
-            if read.whole or rows <= self.fidelity_reference_size:
+            if read.whole or rows <= cap:
                 layers.update(read.layers)
                 features = features or read.features
-        return layers, features, whole
+        return layers, features, covering
 
     def resolve_probe(self, trainer, pl_module) -> ProbeData:
         """The probe to analyse now: the whole probe set, or its coreset (chosen on schedule)."""
