@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from .capture import ActivationRecorder, HeadInputRecorder, resolve_head
+from .isolation import evaluation_mode, preserved_rng
 
 BatchToXY = Callable[[object], tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -50,40 +49,6 @@ def default_batch_to_xy(batch: object) -> tuple[torch.Tensor, torch.Tensor | Non
         f"cannot split a batch of type {type(batch).__name__} into (x, y); "
         "pass batch_to_xy=<function batch -> (x, y)> to the callback."
     )
-
-
-@contextlib.contextmanager
-def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
-    """Restore Python's, NumPy's, torch's CPU and (if initialised) CUDA global RNG streams on exit."""
-    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module, grad: bool | None = False) -> Iterator[nn.Module]:
-    """Evaluate ``model`` without leaving a trace on training.
-
-    Inside: every submodule in eval mode (BatchNorm reads, never updates, its running statistics; dropout
-    off) and autograd off (``grad=False``), on (``True``) or as it was (``None``). On exit, also after an
-    error: each submodule's own ``training`` flag and every global RNG stream are restored exactly.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    grad_mode = contextlib.nullcontext() if grad is None else torch.set_grad_enabled(grad)
-    try:
-        with preserved_rng(), grad_mode:
-            model.eval()
-            yield model
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
 
 
 @contextlib.contextmanager
@@ -196,10 +161,11 @@ class ProbeData:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         """Yield ``(x, y or None, dataset indices)`` with ``x`` and ``y`` on ``device``.
 
-        The global RNG streams are restored when the iteration ends, so a dataset with random augmentation
-        never shifts the training run's shuffling or dropout, wherever the batches are read.
+        The global RNG streams and the generators the dataset holds itself are restored when the iteration
+        ends, so a dataset with random augmentation never shifts the training run's shuffling, dropout or
+        augmentation, wherever the batches are read.
         """
-        with preserved_rng():
+        with preserved_rng(self.dataset):
             start = 0
             for raw in self._raw_batches():
                 x, y = self.batch_to_xy(raw)

@@ -36,6 +36,8 @@ def custom_scalars_layout(callbacks) -> dict[str, dict[str, list]]:
     if coreset:
         layout["lightning_interp: coreset"] = coreset
     if layout:
+        layout["lightning_interp: cost"] = {"seconds per analysis": ["Multiline", [r"[^/]+/cost/seconds"]],
+                                            "share of the fit's wall time": ["Multiline", [r"[^/]+/cost/share"]]}
         layout["lightning_interp: alerts"] = {"alerts": ["Multiline", [r"alerts/.*"]]}
     return layout
 

@@ -34,6 +34,9 @@ def test_all_callbacks_leave_training_bit_identical_and_log_everything(tmp_path)
         assert any(tag.startswith(prefix) for tag in scalars), f"no {prefix} scalars in {sorted(scalars)}"
     tags = read_tags(tmp_path / "tb")
     assert any(t.startswith("clusters/") for t in tags["images"])
+    for cb in callbacks:  # each run's wall time and the callback's share of the fit so far, in TensorBoard
+        assert cb.cost_["runs"] >= 2 and 0 < cb.cost_["share"] < 1 and cb.cost_["seconds"] > 0, type(cb).__name__
+        assert {f"{cb.tag}/cost/seconds", f"{cb.tag}/cost/share"} <= scalars
 
 
 class NoisyDigits(DigitsDataModule):

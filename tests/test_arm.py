@@ -285,6 +285,18 @@ def test_resume_keeps_history_and_reference(tmp_path, dm):
     assert resumed.history_[0]["aggregate"] == first.history_[0]["aggregate"]
 
 
+def test_resume_reading_other_layers_takes_a_new_reference_with_one_warning(tmp_path, dm):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [ARMDrift(reference="first", strict=True), ckpt], max_epochs=2,
+                 enable_checkpointing=True).fit(DigitsCNN(), dm)
+    resumed = ARMDrift(reference="first", head="fc1", strict=True)  # the head is left out: fc1 out, fc2 in
+    with pytest.warns(InterpretationWarning, match=r"reference \(epoch 0\) holds layers \['conv1', 'conv2', 'conv3', "
+                                                   r"'fc1'\] but epoch 2 reads \['conv1', 'conv2', 'conv3', 'fc2'\]"):
+        make_trainer(tmp_path, [resumed], max_epochs=4).fit(DigitsCNN(), dm,
+                                                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [(r["epoch"], r["reference_epoch"]) for r in resumed.history_] == [(1, 0), (3, 2)]
+
+
 @pytest.mark.parametrize("reference, expected", [("first", [(1, 0), (3, 2)]), ("previous", [(1, 0), (3, 2)])])
 def test_resume_without_the_reference_says_which_epoch_replaces_it(tmp_path, dm, reference, expected):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

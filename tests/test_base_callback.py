@@ -122,6 +122,24 @@ def test_resume_keeps_history_and_alerts(tmp_path, datamodule):
     assert torch.equal(resumed.coreset_["indices"], first.coreset_["indices"])  # the same probe after resume
 
 
+def test_testing_an_earlier_checkpoint_keeps_the_history_of_the_fit(tmp_path, datamodule):
+    """Lightning loads callback state in every stage; test(ckpt_path="best") must not rewind the history."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    cb = MeanActivation(threshold=-1.0)
+    trainer = make_trainer(tmp_path, [cb, ckpt], max_epochs=3, enable_checkpointing=True)
+    with pytest.warns(InterpretationWarning):
+        trainer.fit(DigitsCNN(), datamodule)
+    alerts = list(cb.alerts_)
+    first_epoch = str(tmp_path / "ckpt" / "epoch=0.ckpt")
+    trainer.validate(datamodule=datamodule, ckpt_path=first_epoch, verbose=False)
+    trainer.test(datamodule=datamodule, ckpt_path=first_epoch, verbose=False)
+    assert [h["epoch"] for h in cb.history_] == [0, 1, 2] and cb.alerts_ == alerts
+    fresh = MeanActivation(threshold=-1.0)  # one without history of its own takes the checkpoint's
+    make_trainer(tmp_path, [fresh]).validate(DigitsCNN(), datamodule=datamodule, ckpt_path=first_epoch,
+                                             verbose=False)
+    assert [h["epoch"] for h in fresh.history_] == [0]
+
+
 def test_a_resumed_run_with_other_coreset_settings_chooses_again(tmp_path, datamodule):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = MeanActivation(probe_size=40, probe_fidelity=False)
@@ -171,6 +189,12 @@ def test_bad_configuration_fails_fast_with_what_exists(tmp_path, datamodule):
     ]:
         with pytest.raises(ValueError, match=match):
             MeanActivation(**kwargs)
+    with pytest.raises(TypeError, match=r"probe=loader.dataset"):
+        MeanActivation(probe=datamodule.val_dataloader())
+    with pytest.raises(ValueError, match=r"MeanActivation\(probe_size=5, .*probe_balance=True\) cannot choose its "
+                                         r"coreset of 5 from 270 .* each of the 10 classes"):
+        make_trainer(tmp_path, [MeanActivation(probe_size=5, probe_balance=True, strict=True)]).fit(DigitsCNN(),
+                                                                                                    datamodule)
 
 
 def test_a_failing_analysis_warns_once_and_training_continues(tmp_path, datamodule):
@@ -315,3 +339,33 @@ def test_a_failing_alert_hook_is_one_warning_or_under_strict_the_error(tmp_path,
     with pytest.warns(InterpretationWarning, match="alert hook .*broken failed"):
         trainer.fit(DigitsCNN(), datamodule)
     assert trainer.current_epoch == 2 and len(cb.history_) == 2 and len(cb.alerts_) >= 2 and cb.skipped_ == []
+
+
+def test_a_callback_reused_by_another_trainer_says_its_history_carries_over(tmp_path, datamodule):
+    cb = MeanActivation()
+    make_trainer(tmp_path / "a", [cb], max_epochs=1).fit(DigitsCNN(), datamodule)
+    with pytest.warns(InterpretationWarning, match="history of a fit by another Trainer"):
+        make_trainer(tmp_path / "b", [cb], max_epochs=1).fit(DigitsCNN(), datamodule)
+    assert len(cb.history_) == 2
+    again = MeanActivation()
+    trainer = make_trainer(tmp_path / "c", [again], max_epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InterpretationWarning)
+        trainer.fit(DigitsCNN(), datamodule)
+        trainer.fit_loop.max_epochs = 4
+        trainer.fit(trainer.lightning_module, datamodule)  # the same Trainer going on: no warning
+    assert [h["epoch"] for h in again.history_] == [0, 1, 2, 3]
+
+
+def test_activation_profile_keeps_means_and_stds_apart(monkeypatch):
+    """One ranking over means and stds together would agree through their offset alone."""
+    from lightning_interp.probe import ProbeOutputs
+
+    cb = MeanActivation()
+    acts = torch.randn(50, 6) * torch.arange(1, 7) + 100 * torch.arange(6)
+    monkeypatch.setattr(cb, "select_layers", lambda module: {"layer": None})
+    monkeypatch.setattr(cb, "forward_probe", lambda *a, **k: ProbeOutputs(torch.zeros(50, 2), None, torch.arange(50),
+                                                                          {"layer": acts}))
+    profile = cb.activation_profile(None, None, None)
+    assert set(profile) == {"layer/mean", "layer/std"}
+    assert torch.allclose(profile["layer/mean"], acts.mean(0)) and torch.allclose(profile["layer/std"], acts.std(0))

@@ -26,5 +26,9 @@ def test_cli_config_builds_and_trains_every_callback(tmp_path):
         assert name in built, f"{name} missing from the trainer"
         for arg, value in entry.get("init_args", {}).items():
             assert getattr(built[name], arg) == value, f"{name}.{arg}"
+        defaults = type(built[name])()  # what the class gives in Python; the CLI must not fall back to the base's
+        for arg in ("every_n_epochs", "probe", "probe_fidelity", "probe_size", "probe_selector", "probe_balance"):
+            if arg not in entry.get("init_args", {}) and hasattr(defaults, arg):
+                assert getattr(built[name], arg) == getattr(defaults, arg), f"{name}.{arg} from the CLI"
     tags = set(read_scalars(Path(tmp_path) / "cli"))
     assert any(t.startswith("arm/") for t in tags), sorted(tags)

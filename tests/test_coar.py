@@ -431,6 +431,9 @@ def test_callback_rejects_bad_configuration():
             ComponentAttribution(**bad)
     with pytest.raises(C.AblationError, match="Available layers"):
         ComponentAttribution()._check_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(C.AblationError, match=r"\['Lin1'\] matched no .* Eligible layers: \['0', '2'\]"):
+        ComponentAttribution(layers=["Lin1", "2"])._check_layers(model)  # one misspelt name among good ones
 
 
 def test_final_model_is_analysed_when_no_checkpoint_came_due(tmp_path):

@@ -45,9 +45,8 @@ def test_an_alert_hook_failing_on_rank_zero_neither_hangs_nor_desynchronises_the
     rank one waited in the analysis' next gather (a hang); now both ranks finish, or, with strict=True, both raise."""
     lenient = _run_alert_hook_script("lenient")
     assert lenient.returncode == 0, lenient.stderr[-3000:]
-    for rank in (0, 1):
-        assert f"rank {rank} finished 2 epochs, 2 alerts" in lenient.stdout
-    assert lenient.stderr.count("alert hook broken_webhook failed") == 1
+    assert "rank 0 finished 2 epochs, 2 alerts, 1 hook warnings" in lenient.stdout
+    assert "rank 1 finished 2 epochs, 2 alerts, 0 hook warnings" in lenient.stdout
 
     strict = _run_alert_hook_script("strict")
     assert strict.returncode != 0

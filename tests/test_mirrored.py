@@ -331,6 +331,21 @@ def test_constructor_validates_arguments():
     with pytest.raises(ValueError, match="against itself finds every sample"):
         MirroredInfluence(leak_queries="train")
     MirroredInfluence(trusted="train")  # the training set may stand in for clean data
+    with pytest.raises(ValueError, match="every query would find itself"):
+        MirroredInfluence(probe="val")  # scored against the default leak queries, "val"
+    MirroredInfluence(probe="val", leak_queries=None)
+    with pytest.raises(TypeError, match=r"trusted=TensorDataset\(torch.as_tensor"):
+        MirroredInfluence(trusted=torch.zeros(3, 2).numpy())
+    with pytest.raises(TypeError, match=r"leak_queries=loader.dataset"):
+        MirroredInfluence(leak_queries=DataLoader(TensorDataset(torch.zeros(3))))
+
+
+def test_its_own_defaults_are_in_the_signature_where_lightningcli_reads_them():
+    import inspect
+
+    params = inspect.signature(MirroredInfluence).parameters
+    assert params["every_n_epochs"].default == 10 and params["probe"].default == "train"
+    assert params["probe_fidelity"].default is False
 
 
 DDP_SCRIPT = """\
@@ -381,3 +396,11 @@ def test_queries_too_small_for_the_translations_are_compared_as_they_are():
     assert views.shape == (1, 3, 1, 1, 64)
     assert cb._query_views(torch.zeros(3, 1, 8, 8)).shape == (9, 3, 1, 8, 8)
     assert cb._query_views(torch.zeros(3, 64)).shape == (1, 3, 64)  # not images
+
+
+def test_a_training_set_of_another_size_restarts_the_running_mean_with_a_warning():
+    cb = MirroredInfluence()
+    cb._accumulate(4, torch.arange(4), torch.ones(4))
+    with pytest.warns(InterpretationWarning, match="now has 3 samples, not 4.*running mean restarts"):
+        cb._accumulate(3, torch.arange(3), torch.full((3,), 2.0))
+    assert cb.scores_.tolist() == [2.0, 2.0, 2.0]

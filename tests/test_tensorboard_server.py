@@ -25,7 +25,8 @@ def test_server_lists_plugin_tags_and_layout(tmp_path, datamodule, tensorboard_s
         assert {"probe_mean/conv1", "probe_mean/fc1", "alerts/probe_mean"} <= set(run_tags)
         layout = json.loads(server.get("/data/plugin/custom_scalars/layout"))
         charts = {cat["title"]: [chart["title"] for chart in cat["chart"]] for cat in layout["category"]}
-        assert list(charts) == ["lightning_interp: drift", "lightning_interp: alerts"]
+        assert list(charts) == ["lightning_interp: drift", "lightning_interp: cost", "lightning_interp: alerts"]
+        assert charts["lightning_interp: cost"] == ["seconds per analysis", "share of the fit's wall time"]
         # no shift_data, so no data-shift chart that would stay empty
         assert charts["lightning_interp: drift"] == ["ARM aggregate", "ARM per layer", "settled layers"]
         regexes = [r for cat in layout["category"] for chart in cat["chart"] for r in chart["multiline"]["tag"]]

@@ -209,6 +209,15 @@ class ARMDrift(InterpretationCallback):
             if self.reference == "previous":
                 self._set_reference(views, epoch, probe.indices)
             return
+        if set(self._references[source]) != set(views[source]):  # e.g. resumed with another head=
+            self.warn_once(
+                "reference:layers",
+                f"ARMDrift: the reference (epoch {self.reference_epoch_}) holds layers "
+                f"{sorted(self._references[source])} but epoch {epoch} reads {sorted(views[source])}; epoch {epoch} "
+                "becomes the reference and drift is reported from the next analysis on",
+            )
+            self._set_reference(views, epoch, probe.indices)
+            return
         result = arm_from_activations(self._references[source], views[source], warn_skipped=False, assume_sorted=True)
         self._warn_skipped(result, "the probe")
         record: dict[str, Any] = {

@@ -7,15 +7,17 @@ failures into one warning unless ``strict=True``.
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
@@ -96,6 +98,27 @@ def overridden_batch_hooks(*owners) -> list[str]:
     return found
 
 
+def check_data_source(name: str, source: object, optional: bool = False) -> None:
+    """Fail at construction on a data argument that is not ``"train"``, ``"val"``, a map-style Dataset (or
+    ``None`` where ``optional``), saying how to turn what was given into one."""
+    if source is None and optional:
+        return
+    if isinstance(source, str):
+        if source not in ("train", "val"):
+            raise ValueError(f"{name} must be 'train', 'val' or a Dataset, got {source!r}")
+        return
+    hint = {DataLoader: f"pass its dataset ({name}=loader.dataset): probes read samples by index with a loader "
+                        "of their own",
+            torch.Tensor: f"wrap it with its labels: {name}=TensorDataset(x, y)",
+            np.ndarray: f"wrap it with its labels: {name}=TensorDataset(torch.as_tensor(x), torch.as_tensor(y))"}
+    for kind, advice in hint.items():
+        if isinstance(source, kind):
+            raise TypeError(f"{name} got a {type(source).__name__}; {advice}")
+    if not (isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__"))):
+        raise TypeError(f"{name} must be 'train', 'val'{', None' if optional else ''} or a map-style Dataset, "
+                        f"got a {type(source).__name__}")
+
+
 def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset."""
     map_style = hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)
@@ -162,6 +185,9 @@ class InterpretationCallback(Callback):
         coreset_: the last coreset selection: epoch, probe_size, selector, balance, size, of (probe length),
             indices and fidelity.
         skipped_: ``{"epoch", "error"}`` of every analysis that failed and was skipped (one warning per cause).
+        cost_: what the analyses cost in this fit: ``runs``, ``seconds`` (wall time inside them), ``last_seconds``
+            and ``share`` (``seconds`` over the fit's wall time so far); logged as ``<tag>/cost/seconds`` and
+            ``<tag>/cost/share`` at every run, so the overhead on your own training shows in TensorBoard.
     """
 
     tag: ClassVar[str] = "interp"
@@ -192,8 +218,7 @@ class InterpretationCallback(Callback):
         if every_n_epochs == 0 and self.runs_on_epoch_schedule:
             raise ValueError(f"every_n_epochs=0 would never run {type(self).__name__} (it runs on the epoch "
                              "schedule only); use every_n_epochs >= 1, or leave the callback out")
-        if isinstance(probe, str) and probe not in ("train", "val"):
-            raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {probe!r}")
+        check_data_source("probe", probe)
         if probe_size is not None:
             if isinstance(probe_size, bool) or not isinstance(probe_size, (int, float)):
                 raise ValueError(
@@ -239,12 +264,18 @@ class InterpretationCallback(Callback):
         self.alerts_: list[Alert] = []
         self.probe_: ProbeData | None = None
         self.coreset_: dict[str, Any] | None = None
+        self._stage: str | None = None  # the trainer stage being set up: checkpoints rewind history only in "fit"
+        self._holds_history = False
+        self._history_trainer: weakref.ref | None = None  # the Trainer whose fit the history comes from
+        self._restored_this_fit = False
         self._probe_indices: torch.Tensor | None = None
         self._selected_epoch: int | None = None
         self._warned: set[str] = set()
         self._silent_layers: set[str] = set()  # default layers found not to run in forward()
         self._last_run_step: tuple | None = None  # training_step_key of the latest run
         self.skipped_: list[dict[str, Any]] = []
+        self.cost_: dict[str, float] = {"runs": 0, "seconds": 0.0, "last_seconds": 0.0, "share": 0.0}
+        self._fit_clock: float | None = None
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
 
@@ -262,16 +293,17 @@ class InterpretationCallback(Callback):
         return None
 
     def activation_profile(self, trainer, pl_module, probe: ProbeData) -> dict[str, torch.Tensor]:
-        """``{layer: [per-unit mean, per-unit std]}`` of the analysed layers' pooled activations over ``probe``,
-        from its finite rows (layers with fewer than two are left out): the distribution a coreset must keep
-        for results computed from activation distributions. Compared layer by layer by ``coreset.fidelity``."""
+        """``{"<layer>/mean": per-unit means, "<layer>/std": per-unit stds}`` of the analysed layers' pooled
+        activations over ``probe``, from its finite rows (layers with fewer than two are left out): the
+        distribution a coreset must keep for results computed from activation distributions. ``coreset.fidelity``
+        compares each vector on its own (means and stds in one ranking would agree through their offset alone)."""
         outs = self.forward_probe(trainer, pl_module, probe, self.select_layers(pl_module))
         profile = {}
         for name, act in outs.activations.items():
             rows = act.flatten(1)
             rows = rows[rows.isfinite().all(1)]
             if len(rows) >= 2:
-                profile[name] = torch.cat([rows.mean(0), rows.std(0)])
+                profile[f"{name}/mean"], profile[f"{name}/std"] = rows.mean(0), rows.std(0)
         return profile
 
     def _extra_state(self) -> dict[str, Any]:
@@ -295,6 +327,9 @@ class InterpretationCallback(Callback):
         return {"tag": self.tag, "probe": _source_name(self.probe), "layers": self.layers}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = stage
+        if stage == "fit":
+            self._restored_this_fit = False
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer, strict=self.strict)
         self._check_layers(pl_module)
@@ -319,6 +354,21 @@ class InterpretationCallback(Callback):
 
         if self.runs_on_epoch_schedule:
             self._warn_if_schedule_unreachable(trainer, stage)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_clock = time.perf_counter()
+        self.cost_ = {"runs": 0, "seconds": 0.0, "last_seconds": 0.0, "share": 0.0}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        earlier = self._history_trainer() if self._history_trainer is not None else None
+        if self._holds_history and not self._restored_this_fit and earlier is not None and earlier is not trainer:
+            self.warn_once(
+                "reused",
+                f"{type(self).__name__} holds the history of a fit by another Trainer: this fit appends to it and "
+                "its schedule continues from it (in a k-fold or sweep loop, create one callback per Trainer)",
+            )
+        if self._restored_this_fit:
+            self._history_trainer = weakref.ref(trainer)
 
     def _warn_if_schedule_unreachable(self, trainer, stage: str) -> None:
         max_epochs = trainer.max_epochs
@@ -347,6 +397,12 @@ class InterpretationCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history of a checkpoint: always when resuming a fit; for ``validate``/``test``/``predict``
+        from a checkpoint (``ckpt_path="best"``) only into a callback that holds none, since its own history
+        already runs past that checkpoint and Lightning loads callback state in every stage."""
+        if self._stage not in (None, "fit") and self._holds_history:
+            return
+        self._holds_history = self._restored_this_fit = True
         state = dict(state_dict)
         self.alerts_ = [Alert.from_dict(a) for a in state.pop("alerts", [])]
         self._probe_indices = state.pop("probe_indices", None)
@@ -362,7 +418,10 @@ class InterpretationCallback(Callback):
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
         self.policy.stop_requested = False
         self.policy.hook_errors = []
+        self._holds_history = True
+        self._history_trainer = weakref.ref(trainer)
         self._last_run_step = training_step_key(trainer)
+        started = time.perf_counter()
         try:
             with inputs_in_model_dtype(pl_module), rank_zero_buffers(pl_module, self._last_run_step):
                 try:
@@ -386,6 +445,7 @@ class InterpretationCallback(Callback):
                 "(strict=True raises instead); later analyses failing the same way are listed in skipped_ "
                 "without another warning.",
             )
+        self._record_cost(time.perf_counter() - started)
         if self.strict and trainer.strategy.reduce_boolean_decision(bool(self.policy.hook_errors), all=False):
             # hooks run on rank zero only: every rank raises, so none is left waiting in a collective
             raise self.policy.hook_errors[0] if self.policy.hook_errors else RuntimeError(
@@ -393,6 +453,19 @@ class InterpretationCallback(Callback):
         if self.alert_action == "stop":
             should_stop = trainer.strategy.reduce_boolean_decision(self.policy.stop_requested, all=False)
             trainer.should_stop = trainer.should_stop or should_stop
+
+    def _record_cost(self, seconds: float) -> None:
+        """Add one run's wall time to :attr:`cost_` and log it with the share of the fit's wall time so far."""
+        cost = self.cost_
+        cost["runs"] += 1
+        cost["seconds"] += seconds
+        cost["last_seconds"] = seconds
+        scalars = {f"{self.tag}/cost/seconds": seconds}
+        if self._fit_clock is not None:
+            cost["share"] = cost["seconds"] / max(time.perf_counter() - self._fit_clock, 1e-9)
+            scalars[f"{self.tag}/cost/share"] = cost["share"]
+        if self._reporter is not None:
+            self.reporter.log_scalars(scalars)
 
     def warn_once(self, key: str, message: str) -> None:
         """Emit ``message`` once per callback instance for ``key`` (on rank zero)."""
@@ -419,7 +492,7 @@ class InterpretationCallback(Callback):
             metric=metric,
             value=float(value),
             threshold=float(threshold),
-            epoch=int(trainer.current_epoch),
+            epoch=int(self.analysed_epoch(trainer)),
             step=int(trainer.global_step),
             message=message,
         )
@@ -575,15 +648,21 @@ class InterpretationCallback(Callback):
             positions = select_coreset("random", size, n_total=len(full), seed=self.seed + epoch)
         else:
             outs = self.forward_probe(trainer, pl_module, full, features=True)
-            positions = select_coreset(
-                self.probe_selector,
-                size,
-                features=outs.features,
-                logits=outs.outputs,
-                labels=outs.labels,
-                balance=self.probe_balance,
-                seed=self.seed + epoch,
-            )
+            try:
+                positions = select_coreset(
+                    self.probe_selector,
+                    size,
+                    features=outs.features,
+                    logits=outs.outputs,
+                    labels=outs.labels,
+                    balance=self.probe_balance,
+                    seed=self.seed + epoch,
+                )
+            except ValueError as err:  # name the callback's own arguments, not the selector's
+                settings = ", ".join(f"probe_{k}={v!r}" if k != "selector" else f"probe_selector={v!r}"
+                                     for k, v in self._coreset_settings().items() if k != "probe_size")
+                raise ValueError(f"{type(self).__name__}(probe_size={self.probe_size!r}, {settings}) cannot choose "
+                                 f"its coreset of {size} from {len(full)} probe samples: {err}") from err
         self._probe_indices = full.indices[positions].sort().values
         self._selected_epoch = epoch  # before the fidelity check, which may fail
         coreset = full.subset(positions)

@@ -34,7 +34,7 @@ from ..methods.mirrored import (
 from ..plots import image_gallery, looks_like_images
 from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device, run_probe
 from ..report import markdown_table
-from .base import InterpretationCallback, PendingRead, _source_name, resolve_dataset
+from .base import InterpretationCallback, PendingRead, _source_name, check_data_source, resolve_dataset
 
 DataSource = Union[Literal["val", "train"], Dataset]
 
@@ -75,9 +75,11 @@ class MirroredInfluence(InterpretationCallback):
             scheduled epochs as TracInCP sums over checkpoints) of the top-k flagged samples and of k random
             training samples for reference (0: off; costs per-sample gradients of 2k samples).
         log_top_k: rows of the flagged table and images of the gallery.
-        **kwargs: the base options (``every_n_epochs`` default 10, ``probe`` default ``"train"``,
-            ``probe_fidelity`` default ``False``: a coreset's samples are scored as in the full set, so only
-            its coverage is reported), ``probe_size``, ``alert_action``, ``strict``, ``batch_size``,
+        every_n_epochs: run every n-th epoch (10: every 5 gave no better scores on digits, docs/mirrored.md).
+        probe: the training data scored, ``"train"`` or a Dataset (``"val"`` only with leak search off or on
+            other queries).
+        probe_fidelity: off: a coreset's samples are scored as in the full set, so only its coverage is reported.
+        **kwargs: the other base options (``probe_size``, ``alert_action``, ``strict``, ``batch_size``,
             ``batch_to_xy``, ...).
 
     Attributes:
@@ -108,23 +110,26 @@ class MirroredInfluence(InterpretationCallback):
         leak_shift_radius: int = 1,
         second_look_top_k: int = 0,
         log_top_k: int = 16,
+        every_n_epochs: int = 10,
+        probe: DataSource = "train",
+        probe_fidelity: bool = False,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("every_n_epochs", 10)
-        kwargs.setdefault("probe", "train")
-        # Scores are per sample: a coreset's samples get the scores they get in the full set, so the only
-        # loss is coverage (the coreset size, which is logged); there is no rank fidelity to measure.
-        kwargs.setdefault("probe_fidelity", False)
-        super().__init__(**kwargs)
+        # probe_fidelity: scores are per sample, so a coreset's samples get the scores they get in the full
+        # set; the only loss is coverage (the coreset size, which is logged), no rank fidelity to measure.
+        super().__init__(every_n_epochs=every_n_epochs, probe=probe, probe_fidelity=probe_fidelity, **kwargs)
+        check_data_source("trusted", trusted)
+        check_data_source("leak_queries", leak_queries, optional=True)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.rule = UpdateRule(steps, lr, optimizer)  # validates steps and lr
-        if isinstance(trusted, str) and trusted not in ("val", "train"):
-            raise ValueError(f"trusted must be 'val', 'train' or a Dataset, got {trusted!r}")
         if isinstance(leak_queries, str) and leak_queries != "val":
             raise ValueError(f"leak_queries must be 'val', a Dataset or None, got {leak_queries!r}"
                              + (" (the training set searched against itself finds every sample)"
                                 if leak_queries == "train" else ""))
+        if leak_queries is not None and (leak_queries is probe or leak_queries == probe):
+            raise ValueError(f"leak_queries and probe are the same data ({_source_name(probe)}): every query would "
+                             "find itself among the scored samples. Set leak_queries=None or pass held-out data")
         if not 0.0 < max_flagged_fraction <= 1.0:
             raise ValueError(f"max_flagged_fraction must be in (0, 1], got {max_flagged_fraction}")
         if second_look_top_k < 0 or log_top_k < 0:
@@ -179,6 +184,7 @@ class MirroredInfluence(InterpretationCallback):
             )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
 
     def _load_labelled(self, trainer, source: DataSource, what: str) -> tuple[Tensor, Tensor]:
@@ -244,6 +250,10 @@ class MirroredInfluence(InterpretationCallback):
         return after_all - before  # both sorted by dataset index
 
     def _accumulate(self, size: int, indices: Tensor, scores: Tensor) -> None:
+        if self._score_sum is not None and len(self._score_sum) != size:
+            self.warn_once("dataset_size", f"MirroredInfluence: the training set now has {size} samples, not "
+                           f"{len(self._score_sum)}; dataset indices no longer name the same samples, so the running "
+                           f"mean restarts here (history_ keeps the earlier runs; scores_ holds runs from now on)")
         if self._score_sum is None or len(self._score_sum) != size:
             self._score_sum = torch.zeros(size, dtype=torch.float64)
             self._score_count = torch.zeros(size, dtype=torch.float64)

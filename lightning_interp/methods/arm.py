@@ -128,8 +128,8 @@ def _sort_by_unit(samples: Sequence[Tensor], then: Callable[..., Tensor] | None 
 
     On CPU the sort goes through NumPy (``numpy.sort`` took 10-17 ms for 512 x 2,000 float32 values on the
     2-core machine of docs/benchmarks.md, ``torch.sort`` 30-150 ms), and the units are split into blocks over
-    ``torch.get_num_threads()`` threads, each transposing and sorting its block of every sample (NumPy and
-    torch release the GIL). Other devices and dtypes use ``torch.sort``. Results are detached and contiguous.
+    ``torch.get_num_threads()`` threads, each sorting its block of every transposed sample (NumPy and torch
+    release the GIL). Other devices and dtypes use ``torch.sort``. Results are detached and contiguous.
     With ``then``, each block's sorted rows are passed to it in the same thread and the per-block results
     are concatenated and returned instead (a one-element list).
     """
@@ -138,13 +138,16 @@ def _sort_by_unit(samples: Sequence[Tensor], then: Callable[..., Tensor] | None 
     if samples[0].device.type != "cpu" or any(x.dtype not in (torch.float32, torch.float64) for x in samples):
         rows = [x.t().sort(dim=1).values.contiguous() for x in samples]
         return [then(*rows)] if then is not None else rows
-    out = [torch.empty(units, x.shape[0], dtype=x.dtype) for x in samples]
+
+    def transpose(x: Tensor) -> Tensor:
+        # Whole samples: torch copies a full [n, units] transpose 3x faster than a column block of it
+        # (measured: 0.55 ms for 2,000 x 512 float32, 1.6 ms for half its columns).
+        return torch.empty(x.shape[1], x.shape[0], dtype=x.dtype).copy_(x.t())
 
     def sort_block(bounds: tuple[int, int]) -> Tensor | None:
         lo, hi = bounds
         blocks = [rows[lo:hi] for rows in out]
-        for x, block in zip(samples, blocks):
-            block.copy_(x[:, lo:hi].t())
+        for block in blocks:
             block.numpy().sort(axis=1)
         return then(*blocks) if then is not None else None
 
@@ -152,11 +155,13 @@ def _sort_by_unit(samples: Sequence[Tensor], then: Callable[..., Tensor] | None 
     bounds = [(i * units // workers, (i + 1) * units // workers) for i in range(workers)]
     with _one_torch_thread():
         if workers == 1:
+            out = [transpose(x) for x in samples]
             results = [sort_block(bounds[0])]
         else:
             global _SORT_POOL
             if _SORT_POOL is None or _SORT_POOL._max_workers < workers:
                 _SORT_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arm-sort")
+            out = list(_SORT_POOL.map(transpose, samples))
             results = list(_SORT_POOL.map(sort_block, bounds))
     return [torch.cat(results)] if then is not None else out
 

@@ -182,7 +182,8 @@ def find_components(
 
     Args:
         include: ``fnmatch`` globs over module names (``"layer*.conv?"``); ``None`` takes every module of
-            ``layer_types``. Matched modules of other types are ignored; matching none raises.
+            ``layer_types``. Matched modules of other types are ignored; a pattern that matches no module
+            of those types raises.
         layer_types: subset of ``"conv"`` (Conv1d/2d/3d), ``"linear"``, ``"attention"``
             (``nn.MultiheadAttention``, one component per head).
         exclude_head: leave out the output layer, whose "components" are the logits.
@@ -201,20 +202,27 @@ def find_components(
         f"{name}.{sub}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
         for sub, _ in m.named_modules() if sub
     }  # e.g. out_proj: called functionally by its parent, so a hook on it would never fire
-    groups, offset = [], 0
+    groups, offset, eligible = [], 0, []
     for name, module in model.named_modules():
         kind = _eligible_kind(module, layer_types)
         if kind is None or not name or name == head or name in inside_attention:
             continue
+        eligible.append(name)
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         size = _component_count(module, kind)
         groups.append(ComponentGroup(name, _KIND_OF[kind], size, offset))
         offset += size
+    wanted = ", ".join(t.__name__ for k in layer_types for t in LAYER_KINDS[k])
+    head_note = f" (the output layer {head!r} is excluded)" if head else ""
+    unmatched = [p for p in include or () if not any(fnmatch.fnmatchcase(name, p) for name in eligible)]
+    if groups and unmatched:  # one misspelt name among good ones must not shrink the analysis silently
+        raise AblationError(
+            f"layer pattern(s) {unmatched} matched no {wanted} module of {type(model).__name__}{head_note}. "
+            f"Eligible layers: {eligible}"
+        )
     if not groups:
-        wanted = ", ".join(t.__name__ for k in layer_types for t in LAYER_KINDS[k])
         where = f" matching {list(include)}" if include is not None else ""
-        head_note = f" (the output layer {head!r} is excluded)" if head else ""
         raise AblationError(
             f"{type(model).__name__} has no {wanted} module{where}{head_note}. "
             f"Available layers: {describe_layers(model)}"

@@ -18,8 +18,9 @@ Two uses are implemented:
   T, score every training point by the increase of its loss, ``ℓ(z_i; θ'_T) − ℓ(z_i; θ)``. Points
   whose label conflicts with clean data get worse when the model moves towards the clean data.
 * :func:`leak_scores` — the per-query form: which training point does each query influence most (its
-  copy, when the query leaked into training)? ``rule="reference"`` is the authors' leakage code (one
-  Adam *ascent* step on the query, ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|``); ``rule="relative"`` (default,
+  copy, when the query leaked into training)? ``rule="reference"`` follows the authors' leakage code (one
+  Adam *ascent* step on the query, ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|``; in eval mode on one copy of the query,
+  where the notebook steps in train mode on two, see docs/mirrored.md); ``rule="relative"`` (default,
   measured far better on digits, docs/mirrored.md) is the first-order mirrored influence of a head step
   on a tempered loss, normalised by self-influence, computed in closed form from forward passes, and for
   images maximised over small translations of the query.
@@ -342,7 +343,7 @@ def logits_and_head_inputs(model: nn.Module, x: Tensor, *, chunk: int = 1024) ->
     return outs.outputs, outs.features
 
 
-# ---- the reference rule: full-model ascent per query, |Δloss| (the authors' leakage code) --------------
+# ---- the reference rule: full-model ascent per query, |Δloss| (after the authors' leakage code) ---------
 def sphere_perturb_fit_queries(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor,
                                *, fit_threshold: float = 1e-2, radius: float = 3.0, growth: float = 1.1,
                                max_tries: int = 100, generator: torch.Generator | None = None,
@@ -404,7 +405,8 @@ def leak_scores(model: nn.Module, query_x: Tensor, query_y: Tensor, train_x: Ten
     before it entered training is found (0 turns it off; other inputs are compared as they are). The leak
     score is the top influence (1 for an exact copy).
 
-    ``rule="reference"``: the authors' procedure, Eq. 4 per query — ``steps`` *ascent* steps of
+    ``rule="reference"``: the authors' procedure, Eq. 4 per query (in eval mode on one copy of the query; their
+    notebook steps in train mode on two copies, docs/mirrored.md) — ``steps`` *ascent* steps of
     ``optimizer`` (default one Adam step, lr 5e-3) on the query alone, on a copy, then
     ``|ℓ(z_i; θ'_q) − ℓ(z_i; θ)|`` for the training points; a query the model already fits is first moved
     onto an L2 sphere (:func:`sphere_perturb_fit_queries`, radius 3 growing ×1.1). Queries are batched with

@@ -3,6 +3,7 @@ global rank zero only) that fails. ``strict`` as argv[1]: every rank must end wi
 waiting in a collective); otherwise training finishes on both ranks after one warning."""
 
 import sys
+import warnings
 
 from lightning_interp._lightning import Trainer, pl
 from lightning_interp.callbacks.base import InterpretationCallback
@@ -22,8 +23,23 @@ def broken_webhook(alert):
     raise ConnectionError("webhook unreachable")
 
 
+def count_hook_failure_warnings():
+    """Both ranks share one stderr, so their lines can interleave: each rank counts its own warnings instead."""
+    counted = []
+    show = warnings.showwarning
+
+    def counting(message, *args, **kwargs):
+        if "alert hook broken_webhook failed" in str(message):
+            counted.append(message)
+        show(message, *args, **kwargs)
+
+    warnings.showwarning = counting
+    return counted
+
+
 if __name__ == "__main__":
     pl.seed_everything(0)
+    hook_failure_warnings = count_hook_failure_warnings()
     strict = sys.argv[1] == "strict"
     callback = AlwaysAlerts(probe="val", alert_hooks=[broken_webhook], strict=strict)
     trainer = Trainer(
@@ -32,4 +48,5 @@ if __name__ == "__main__":
         limit_val_batches=0, callbacks=[callback],
     )
     trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
-    print(f"rank {trainer.global_rank} finished {trainer.current_epoch} epochs, {len(callback.alerts_)} alerts")
+    print(f"rank {trainer.global_rank} finished {trainer.current_epoch} epochs, {len(callback.alerts_)} alerts, "
+          f"{len(hook_failure_warnings)} hook warnings")
