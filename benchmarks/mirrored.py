@@ -40,9 +40,9 @@ from lightning_interp.methods.mirrored import (
 )
 
 
-def train(x, y, epochs: int, seed: int, on_epoch_end=lambda epoch, model: None) -> nn.Module:
+def train(x, y, epochs: int, seed: int, width: int = 16, on_epoch_end=lambda epoch, model: None) -> nn.Module:
     torch.manual_seed(seed)
-    model = DigitsCNN()
+    model = DigitsCNN(width=width)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
@@ -91,7 +91,7 @@ def mislabel_benchmark(args) -> list[list]:
             checkpoints.append(str(path))
 
     t = time.perf_counter()
-    model = train(x, y, args.epochs, args.seed, on_epoch_end)
+    model = train(x, y, args.epochs, args.seed, args.width, on_epoch_end)
     train_seconds = time.perf_counter() - t
     rows = []
 
@@ -109,11 +109,15 @@ def mislabel_benchmark(args) -> list[list]:
     row("per-sample final loss", loss, time.perf_counter() - t)
     row("AUM (margin over epochs)", -torch.stack(aum).mean(0), timings["aum"], f"{args.epochs} epochs")
     row(*cleanlab_scores(x, y, args))
-    row(*tracin_scores(checkpoints, x, y), f"captum, {len(checkpoints)} checkpoints")
+    row(*tracin_scores(checkpoints, x, y, args.width, fast=True),
+        f"captum, fast mode (Conv/Linear layers), {len(checkpoints)} checkpoints")
+    if not args.skip_exact_tracin:
+        row(*tracin_scores(checkpoints, x, y, args.width, fast=False),
+            f"captum at its defaults (all parameters), {len(checkpoints)} checkpoints")
     t = time.perf_counter()
     own = torch.zeros(len(y))
     for path in checkpoints:
-        net = DigitsCNN()
+        net = DigitsCNN(width=args.width)
         net.load_state_dict(torch.load(path))
         own += self_influence(net.eval(), x, y)
     row("TracIn self-influence (ours)", own, time.perf_counter() - t, f"{len(checkpoints)} checkpoints")
@@ -130,14 +134,14 @@ def cleanlab_scores(x, y, args):
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=args.seed)
     for fold, (fit_idx, held_idx) in enumerate(folds.split(np.zeros(len(y)), y.numpy())):
         fit_idx, held_idx = torch.as_tensor(fit_idx), torch.as_tensor(held_idx)
-        net = train(x[fit_idx], y[fit_idx], args.epochs, args.seed + fold + 1)
+        net = train(x[fit_idx], y[fit_idx], args.epochs, args.seed + fold + 1, args.width)
         with torch.no_grad():
             probs[held_idx] = net.eval()(x[held_idx]).softmax(1)
     quality = get_label_quality_scores(y.numpy(), probs.numpy())
     return "cleanlab (5-fold CV probabilities)", -torch.as_tensor(quality), time.perf_counter() - t, "5 trainings"
 
 
-def tracin_scores(checkpoints, x, y):
+def tracin_scores(checkpoints, x, y, width: int, fast: bool):
     from captum.influence import TracInCP
 
     def load(net, path):
@@ -146,14 +150,20 @@ def tracin_scores(checkpoints, x, y):
         return 1.0
 
     t = time.perf_counter()
-    model = DigitsCNN().eval()
-    # captum's fast per-sample gradients cover Conv/Linear layers only: the BatchNorm affine (64 of ~30k
-    # parameters) is left out; its slow exact mode (all parameters) takes ~13x longer on this model.
-    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    tracin = TracInCP(model, TensorDataset(x, y), checkpoints, checkpoints_load_func=load, layers=layers,
-                      loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=256, sample_wise_grads_per_batch=True)
+    model = DigitsCNN(width=width).eval()
+    if fast:
+        # captum's fast per-sample gradients cover Conv/Linear layers only: the BatchNorm affine (64 of ~30k
+        # parameters) is left out.
+        layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        tracin = TracInCP(model, TensorDataset(x, y), checkpoints, checkpoints_load_func=load, layers=layers,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=256,
+                          sample_wise_grads_per_batch=True)
+    else:  # captum's defaults: every parameter, per-sample gradients one sample at a time
+        tracin = TracInCP(model, TensorDataset(x, y), checkpoints, checkpoints_load_func=load,
+                          loss_fn=nn.CrossEntropyLoss(), batch_size=256)
     scores = tracin.self_influence(DataLoader(TensorDataset(x, y), batch_size=256))
-    return "captum TracInCP self-influence", scores.detach(), time.perf_counter() - t
+    name = "captum TracInCP self-influence" + ("" if fast else ", defaults")
+    return name, scores.detach(), time.perf_counter() - t
 
 
 def shift_right(images: torch.Tensor, pixels: int = 1) -> torch.Tensor:
@@ -188,7 +198,7 @@ def leak_benchmark(args) -> list[list]:
     x, y = torch.cat(x), torch.cat(y)
     leaked = torch.zeros(len(s.y_test), dtype=torch.bool)
     leaked[chosen] = True
-    model = train(x, y, args.epochs, args.seed).eval()
+    model = train(x, y, args.epochs, args.seed, args.width).eval()
     rows = []
 
     def row(name, top5, score, seconds):
@@ -239,6 +249,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--leaks-only", action="store_true", help="skip the mislabel part")
+    parser.add_argument("--width", type=int, default=16, help="DigitsCNN width (16: the demo model, ~30k parameters)")
+    parser.add_argument("--skip-exact-tracin", action="store_true",
+                        help="leave out captum's TracInCP at its defaults (minutes on wide models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -246,8 +259,11 @@ def main() -> None:
         rows = mislabel_benchmark(args)
         print(markdown(["method", "AUROC", "precision@k", "seconds", "note"], rows))
         seconds = {r[0]: float(r[3]) for r in rows}
-        print(f"\nTracInCP (captum) / mirrored (ours) wall time: "
-              f"{seconds['captum TracInCP self-influence'] / seconds['mirrored, accumulated (ours)']:.1f}x")
+        ours = seconds["mirrored, accumulated (ours)"]
+        for name in ("captum TracInCP self-influence", "captum TracInCP self-influence, defaults"):
+            if name in seconds:
+                print(f"\n{name} / mirrored (ours) wall time: {seconds[name] / ours:.1f}x", end="")
+        print(f"\nparameters: {sum(p.numel() for p in DigitsCNN(width=args.width).parameters())}")
         print()
     rows = leak_benchmark(args)
     print(markdown(["method", "exact top-1 / top-5", "jittered top-1 / top-5", "shifted top-1 / top-5",

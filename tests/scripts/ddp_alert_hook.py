@@ -47,6 +47,10 @@ if __name__ == "__main__":
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2,
         limit_val_batches=0, callbacks=[callback],
     )
-    trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    try:
+        trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    except Exception as err:  # one short stdout line per rank: the traceback lines of two ranks may interleave
+        print(f"rank {trainer.global_rank} raised {type(err).__name__}: {err}", flush=True)
+        raise
     print(f"rank {trainer.global_rank} finished {trainer.current_epoch} epochs, {len(callback.alerts_)} alerts, "
           f"{len(hook_failure_warnings)} hook warnings")
