@@ -160,7 +160,7 @@ def tracin_scores(checkpoints, x, y, width: int, fast: bool):
                           sample_wise_grads_per_batch=True)
     else:  # captum's defaults: every parameter, per-sample gradients one sample at a time
         tracin = TracInCP(model, TensorDataset(x, y), checkpoints, checkpoints_load_func=load,
-                          loss_fn=nn.CrossEntropyLoss(), batch_size=256)
+                          loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=256)
     scores = tracin.self_influence(DataLoader(TensorDataset(x, y), batch_size=256))
     name = "captum TracInCP self-influence" + ("" if fast else ", defaults")
     return name, scores.detach(), time.perf_counter() - t
