@@ -297,6 +297,19 @@ def test_resume_reading_other_layers_takes_a_new_reference_with_one_warning(tmp_
     assert [(r["epoch"], r["reference_epoch"]) for r in resumed.history_] == [(1, 0), (3, 2)]
 
 
+def test_resume_with_other_layers_names_the_settings_whose_history_is_not_restored(tmp_path, dm):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [ARMDrift(layers=["conv1", "conv2"], strict=True), ckpt], max_epochs=2,
+                 enable_checkpointing=True).fit(DigitsCNN(), dm)
+    resumed = ARMDrift(layers=["conv1"], strict=True)
+    with pytest.warns(InterpretationWarning, match=r"saved with other settings \(layers=\['conv1', 'conv2'\] there, "
+                                                   r"\['conv1'\] here\).* not restored") as w:
+        make_trainer(tmp_path, [resumed], max_epochs=3).fit(DigitsCNN(), dm,
+                                                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert sum("saved with other settings" in str(m.message) for m in w) == 1
+    assert resumed.history_ == []  # a new history: epoch 2, its first analysis, is only the new reference
+
+
 @pytest.mark.parametrize("reference, expected", [("first", [(1, 0), (3, 2)]), ("previous", [(1, 0), (3, 2)])])
 def test_resume_without_the_reference_says_which_epoch_replaces_it(tmp_path, dm, reference, expected):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

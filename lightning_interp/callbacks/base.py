@@ -7,6 +7,7 @@ failures into one warning unless ``strict=True``.
 
 from __future__ import annotations
 
+import ast
 import time
 import warnings
 import weakref
@@ -410,6 +411,27 @@ class InterpretationCallback(Callback):
         self.coreset_ = state.pop("coreset", None)
         self._load_extra_state(state)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """Say why a history in the checkpoint is not restored: it was saved under other identifying settings
+        (Lightning itself only lists the unmatched state keys)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        claimed = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+        mine = self._state_key_fields()
+        for key in states:
+            theirs = _state_key_settings(key, type(self).__qualname__)
+            if key in claimed or theirs is None:
+                continue
+            differences = ", ".join(f"{name}={theirs.get(name)!r} there, {value!r} here"
+                                    for name, value in mine.items() if theirs.get(name) != value)
+            self.warn_once(
+                f"history:unmatched:{key}",
+                f"{type(self).__name__}: the checkpoint holds a history of this callback saved with other settings "
+                f"({differences}); a callback's history is matched on {sorted(mine)}, so it is not restored and "
+                "this run starts a new one. Use the checkpoint's settings to continue that history",
+            )
+
     # -- scheduling and error policy ------------------------------------------------------------------------
     def _is_due(self, epoch: int) -> bool:
         return self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
@@ -710,6 +732,17 @@ def _reference_sample(full: ProbeData, size: int, seed: int) -> ProbeData:
     if len(full) <= size:
         return full
     return full.subset(torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:size])
+
+
+def _state_key_settings(key: object, qualname: str) -> dict[str, Any] | None:
+    """The settings a state key of class ``qualname`` was made from (see ``Callback._generate_state_key``)."""
+    if not isinstance(key, str) or not key.startswith(qualname + "{"):
+        return None
+    try:
+        settings = ast.literal_eval(key[len(qualname):])
+    except (ValueError, SyntaxError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def _source_name(source) -> str | None:
