@@ -169,6 +169,12 @@ class ProbeData:
             start = 0
             for raw in self._raw_batches():
                 x, y = self.batch_to_xy(raw)
+                if not isinstance(x, torch.Tensor):
+                    raise ProbeDataError(
+                        f"the probe's inputs must be one tensor (the model called as model(x)), but batch_to_xy "
+                        f"returned x of type {type(x).__name__}; models taking several inputs (a dict, a tuple) "
+                        "are not supported yet: wrap the model so that it takes one tensor"
+                    )
                 idx = self.indices[start : start + len(x)]
                 start += len(x)
                 yield x.to(device), (y.to(device) if y is not None else None), idx

@@ -101,6 +101,17 @@ def test_fast_dev_run_runs_the_analyses_once_and_writes_no_files(tmp_path):
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_fast_dev_run_runs_callbacks_scheduled_every_tenth_epoch_without_a_schedule_warning(tmp_path):
+    import warnings
+
+    callbacks = [MirroredInfluence(), LayerClusters(), ComponentAttribution(n_masks=60, progress_bar=False)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks, fast_dev_run=True).fit(DigitsCNN(), DigitsDataModule())
+    assert [c.cost_["runs"] for c in callbacks] == [1, 1, 1]
+    assert not [w for w in caught if "never comes due" in str(w.message)]
+
+
 class WithAuxiliaryHead(DigitsCNN):
     """An unused auxiliary layer registered after the real output layer ``fc2``."""
 
@@ -196,3 +207,16 @@ def test_a_coreset_readers_layers_are_not_recorded_for_every_sample_of_a_large_p
     passes = [entry for entries in probe_cache(model)._entries.values() for entry, _ in entries]
     assert sorted((len(p.indices), sorted(p.activations)) for p in passes) == [
         (96, ["conv1", "conv2", "conv3", "fc1"]), (1257, [])]
+
+
+@pytest.mark.parametrize("schedule", [{"check_val_every_n_epoch": 2}, {"limit_val_batches": 0}])
+def test_val_loaders_given_to_fit_are_found_before_lightning_first_validates(tmp_path, schedule):
+    """Lightning loads val loaders passed to fit() at its first validation; with check_val_every_n_epoch=2 that comes
+    after epoch 0's analyses, and with limit_val_batches=0 never. MirroredInfluence used to fail fit() at its start
+    and ARMDrift to skip epoch 0, both saying there was no validation data."""
+    dm = DigitsDataModule(noise_fraction=0.1, n_leaked=0, batch_size=128, seed=0)
+    arm, mirrored = ARMDrift(strict=True), MirroredInfluence(every_n_epochs=2, leak_queries=None, strict=True)
+    make_trainer(tmp_path, [arm, mirrored], max_epochs=4, logger=False, limit_train_batches=3, **schedule).fit(
+        DigitsCNN(), train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader())
+    assert [r["epoch"] for r in arm.history_] == [1, 2, 3]
+    assert mirrored.cost_["runs"] == 2 and len(mirrored.scores_) == len(dm.splits.y_train)

@@ -10,6 +10,7 @@ from lightning_interp import InterpretationAlert, InterpretationWarning
 from lightning_interp._lightning import ModelCheckpoint
 from lightning_interp.capture import LayerSelectionError
 from lightning_interp.demo import DigitsCNN
+from lightning_interp.probe import ProbeDataError
 
 
 def test_never_disturbs_training_bit_for_bit(tmp_path):
@@ -218,8 +219,9 @@ def test_missing_validation_data_is_named(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     data = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))), batch_size=16)
-    with pytest.raises(Exception, match="probe='val' but the trainer has no val dataloader"):
-        make_trainer(tmp_path, [MeanActivation(strict=True)], max_epochs=1).fit(DigitsCNN(), data)
+    with pytest.raises(ProbeDataError, match=r"MeanActivation\(probe='val'\) needs validation data, but the trainer "
+                                             "has none"):  # at setup, also without strict: a configuration error
+        make_trainer(tmp_path, [MeanActivation()], max_epochs=1).fit(DigitsCNN(), data)
 
 
 def test_several_validation_loaders_say_which_one_is_read(tmp_path, datamodule):

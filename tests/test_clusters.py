@@ -541,3 +541,18 @@ def test_a_probe_smaller_than_probe_size_is_analysed_whole_after_one_warning(tmp
     with pytest.warns(InterpretationWarning, match="probe_size=512 exceeds the probe's 300 samples; the whole probe"):
         make_trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), DigitsDataModule())
     assert len(cb.probe_) == 300 and cb.results_ and cb.coreset_ is None
+
+
+def test_a_probe_too_small_for_two_components_raises_no_collapse_alert(tmp_path):
+    """7 samples shrink the truncation to one component, so one cluster is forced, not found: with
+    alert_action="stop" the collapse alert used to end training at the first run."""
+    from torch.utils.data import TensorDataset
+
+    data = DigitsDataModule()
+    tiny = TensorDataset(data.splits.x_val[:7], data.splits.y_val[:7])
+    cb = LayerClusters(every_n_epochs=1, probe=tiny, alert_action="stop", embeddings="none")
+    with pytest.warns(InterpretationWarning, match="truncation shrunk to 1"):
+        trainer = make_trainer(tmp_path, [cb], max_epochs=3, logger=False)
+        trainer.fit(DigitsCNN(), data)
+    assert trainer.current_epoch == 3 and cb.alerts_ == []
+    assert all(r["n_clusters"] == 1 and r["n_components"] == 1 for r in cb.results_.values())

@@ -211,3 +211,16 @@ def test_batches_restore_the_rng_a_random_dataset_consumed():
     state = torch.get_rng_state()
     list(ProbeData(Random(), batch_size=4).batches())
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_inputs_that_are_not_one_tensor_get_a_message_naming_the_limitation():
+    class Tabular(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"num": torch.rand(3), "cat": torch.tensor(i % 2), "label": torch.tensor(i % 3)}
+
+    probe = ProbeData(Tabular(), batch_size=4, batch_to_xy=lambda b: ({"num": b["num"], "cat": b["cat"]}, b["label"]))
+    with pytest.raises(ProbeDataError, match="inputs must be one tensor .* returned x of type dict"):
+        next(probe.batches())

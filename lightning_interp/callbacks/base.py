@@ -120,16 +120,19 @@ def check_data_source(name: str, source: object, optional: bool = False) -> None
                         f"got a {type(source).__name__}")
 
 
-def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
-    """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset."""
+def resolve_dataset(trainer, source: ProbeSource, argument: str = "probe") -> Dataset:
+    """The dataset behind ``"train"`` / ``"val"`` for this trainer, or ``source`` itself if it is a dataset.
+
+    ``argument`` names the callback argument that asked, for the error message.
+    """
     map_style = hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, str)
     if isinstance(source, Dataset) or map_style:
         return source  # type: ignore[return-value]
     if source not in ("train", "val"):
-        raise ValueError(f"probe must be 'train', 'val' or a Dataset, got {source!r}")
+        raise ValueError(f"{argument} must be 'train', 'val' or a Dataset, got {source!r}")
     loaders = trainer.train_dataloader if source == "train" else trainer.val_dataloaders
-    if loaders is None and trainer.datamodule is not None:
-        loaders = trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
+    if loaders is None:
+        loaders = declared_loaders(trainer, source)
     loaders = loader_list(loaders)
     if len(loaders) > 1:
         warn_once_per_trainer(trainer, f"loaders:{source}", f"the trainer has {len(loaders)} {source} dataloaders; "
@@ -137,10 +140,31 @@ def resolve_dataset(trainer, source: ProbeSource) -> Dataset:
     dataset = getattr(next(iter(loaders), None), "dataset", None)
     if dataset is None:
         raise ProbeDataError(
-            f"probe={source!r} but the trainer has no {source} dataloader with a dataset; "
-            "pass probe='train', probe='val' (with validation data) or probe=<a Dataset>"
+            f"{argument}={source!r} but the trainer has no {source} dataloader with a dataset; "
+            f"pass {argument}='train', {argument}='val' (with validation data) or {argument}=<a Dataset>"
         )
     return dataset
+
+
+def has_val_source(trainer) -> bool:
+    """Whether the trainer was given validation data (dataloaders, a datamodule or the module's hook)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:  # another Lightning layout: let the first analysis decide
+        return True
+
+
+def declared_loaders(trainer, source: str):
+    """The ``source`` loaders the user gave the trainer (to ``fit``, in a datamodule or as the module's hook), asked
+    for before Lightning loads them itself: the val loaders are loaded at the first validation, which comes later
+    than an epoch's end with ``check_val_every_n_epoch > 1`` and never with ``limit_val_batches=0``."""
+    loop = trainer.fit_loop if source == "train" else trainer.fit_loop.epoch_loop.val_loop
+    data_source = getattr(loop, "_data_source", None)
+    if data_source is not None and data_source.is_defined():
+        return data_source.dataloader()
+    if trainer.datamodule is not None:
+        return trainer.datamodule.train_dataloader() if source == "train" else trainer.datamodule.val_dataloader()
+    return None
 
 
 @dataclass(frozen=True)
@@ -266,6 +290,7 @@ class InterpretationCallback(Callback):
         self.probe_: ProbeData | None = None
         self.coreset_: dict[str, Any] | None = None
         self._stage: str | None = None  # the trainer stage being set up: checkpoints rewind history only in "fit"
+        self._smoke_test = False  # Trainer(fast_dev_run=...): every scheduled analysis runs on its one epoch
         self._holds_history = False
         self._history_trainer: weakref.ref | None = None  # the Trainer whose fit the history comes from
         self._restored_this_fit = False
@@ -329,11 +354,17 @@ class InterpretationCallback(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._stage = stage
+        self._smoke_test = bool(getattr(trainer, "fast_dev_run", False))
         if stage == "fit":
             self._restored_this_fit = False
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer, strict=self.strict)
         self._check_layers(pl_module)
+        if stage == "fit" and isinstance(self.probe, str) and self.probe == "val" and not has_val_source(trainer):
+            raise ProbeDataError(
+                f"{type(self).__name__}(probe='val') needs validation data, but the trainer has none; pass "
+                "val_dataloaders / a datamodule with val_dataloader(), or probe='train' or probe=<a Dataset>"
+            )
         hooks = overridden_batch_hooks(pl_module, getattr(trainer, "datamodule", None))
         if hooks and self.batch_to_xy is None:
             warn_once_per_trainer(
@@ -373,7 +404,7 @@ class InterpretationCallback(Callback):
 
     def _warn_if_schedule_unreachable(self, trainer, stage: str) -> None:
         max_epochs = trainer.max_epochs
-        unreachable = max_epochs is not None and 0 <= max_epochs < self.every_n_epochs
+        unreachable = max_epochs is not None and 0 <= max_epochs < self.every_n_epochs and not self._smoke_test
         if stage == "fit" and self.every_n_epochs > 0 and unreachable:
             self.warn_once(
                 "schedule:unreachable",
@@ -434,7 +465,8 @@ class InterpretationCallback(Callback):
 
     # -- scheduling and error policy ------------------------------------------------------------------------
     def _is_due(self, epoch: int) -> bool:
-        return self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
+        """On the schedule; under ``fast_dev_run`` (one short epoch, Lightning's smoke test) on that epoch."""
+        return self.every_n_epochs > 0 and (self._smoke_test or (epoch + 1) % self.every_n_epochs == 0)
 
     def run_now(self, trainer, pl_module) -> None:
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
@@ -460,10 +492,10 @@ class InterpretationCallback(Callback):
         except Exception as err:  # a failing analysis must never end the user's training run
             if self.strict:
                 raise
-            self.skipped_.append({"epoch": trainer.current_epoch, "error": f"{type(err).__name__}: {err}"})
+            self.skipped_.append({"epoch": self.analysed_epoch(trainer), "error": f"{type(err).__name__}: {err}"})
             self.warn_once(
                 f"error:{type(err).__name__}:{err}",
-                f"{type(self).__name__} skipped epoch {trainer.current_epoch}: {err}. Training continues "
+                f"{type(self).__name__} skipped epoch {self.analysed_epoch(trainer)}: {err}. Training continues "
                 "(strict=True raises instead); later analyses failing the same way are listed in skipped_ "
                 "without another warning.",
             )

@@ -78,7 +78,8 @@ class LayerClusters(InterpretationCallback):
 
     Attributes:
         results_: per layer name, the last run's ``{"n_clusters", "weights", "nmi", "ari", "labels",
-            "position_clusters", "converged", "n_iter", "epoch"}`` (``nmi``/``ari`` ``None`` without labels;
+            "position_clusters", "converged", "n_iter", "epoch", "n_components", "constant"}`` (``nmi``/``ari``
+            ``None`` without labels; ``n_components``: the truncation used, 1 when the probe was too small for two;
             ``position_clusters`` ``None`` for non-conv layers; ``converged``: the per-sample fit's lower bound
             settled within ``max_iter``, otherwise its count overstates the converged one).
         history_: one row per run and layer: ``{"epoch", "layer", "n_clusters", "nmi", "ari",
@@ -171,6 +172,7 @@ class LayerClusters(InterpretationCallback):
                 "n_clusters": fit.n_clusters, "weights": fit.weights, "nmi": fit.nmi, "ari": fit.ari,
                 "labels": fit.labels, "position_clusters": position_fit.n_clusters if position_fit else None,
                 "converged": fit.converged, "n_iter": fit.n_iter, "epoch": epoch,
+                "n_components": fit.n_components, "constant": fit.constant,
             }
             self.history_.append({"epoch": epoch, "layer": name, "n_clusters": fit.n_clusters, "nmi": fit.nmi,
                                   "ari": fit.ari, "position_clusters": results[name]["position_clusters"],
@@ -290,7 +292,9 @@ class LayerClusters(InterpretationCallback):
         for name, r in results.items():
             count = r["n_clusters"]
             metric = f"{self.tag}/{name}/n_clusters"
-            if self.collapse_alert and count == 1 and name not in varying:
+            # too few samples for a second component (truncation shrunk to 1): one cluster is all the fit could say
+            forced = r.get("n_components") == 1 and not r.get("constant", False)
+            if self.collapse_alert and count == 1 and name not in varying and not forced:
                 self.alert(trainer, metric, count, 1, f"layer {name!r} collapsed to one cluster on the probe: its "
                            "activations no longer separate the samples (dead, saturated or constant units?)")
                 continue

@@ -34,7 +34,14 @@ from ..methods.mirrored import (
 from ..plots import image_gallery, looks_like_images
 from ..probe import ProbeData, ProbeDataError, ProbeOutputs, evaluation_mode, model_device, run_probe
 from ..report import markdown_table
-from .base import InterpretationCallback, PendingRead, _source_name, check_data_source, resolve_dataset
+from .base import (
+    InterpretationCallback,
+    PendingRead,
+    _source_name,
+    check_data_source,
+    has_val_source,
+    resolve_dataset,
+)
 
 DataSource = Union[Literal["val", "train"], Dataset]
 
@@ -177,7 +184,7 @@ class MirroredInfluence(InterpretationCallback):
     # -- setup: fail fast on configuration errors ------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.trusted == "val" and not _has_val_source(trainer):
+        if stage == "fit" and self.trusted == "val" and not has_val_source(trainer):
             raise ProbeDataError(
                 "MirroredInfluence(trusted='val') needs validation data, but the trainer has none; pass "
                 "val_dataloaders / a datamodule with val_dataloader(), or trusted=<a Dataset of clean samples>"
@@ -185,10 +192,12 @@ class MirroredInfluence(InterpretationCallback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
+        # loaded now, so labels that are not classes fail at the start (a configuration error, not a bad epoch)
+        self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set", "trusted")
 
-    def _load_labelled(self, trainer, source: DataSource, what: str) -> tuple[Tensor, Tensor]:
-        probe = ProbeData(resolve_dataset(trainer, source), batch_size=self.batch_size, batch_to_xy=self.batch_to_xy)
+    def _load_labelled(self, trainer, source: DataSource, what: str, argument: str) -> tuple[Tensor, Tensor]:
+        probe = ProbeData(resolve_dataset(trainer, source, argument), batch_size=self.batch_size,
+                          batch_to_xy=self.batch_to_xy)
         xs, ys = [], []
         for x, y, _ in probe.batches("cpu"):
             if y is None:
@@ -211,7 +220,7 @@ class MirroredInfluence(InterpretationCallback):
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         start = time.perf_counter()
         if self._trusted_xy is None:
-            self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set")
+            self._trusted_xy = self._load_labelled(trainer, self.trusted, "the trusted set", "trusted")
         want_features = self.leak_queries is not None
         outs = _sorted_by_index(self.forward_probe(trainer, pl_module, probe, features=want_features))
         labels = outs.require_class_labels("MirroredInfluence").long()
@@ -270,7 +279,7 @@ class MirroredInfluence(InterpretationCallback):
         Under DDP each rank scores its share of the queries against the (gathered) training set, and all ranks
         gather the per-query results in dataset-index order.
         """
-        queries = ProbeData(resolve_dataset(trainer, self.leak_queries), batch_size=self.batch_size,
+        queries = ProbeData(resolve_dataset(trainer, self.leak_queries, "leak_queries"), batch_size=self.batch_size,
                             batch_to_xy=self.batch_to_xy)
         if trainer.world_size > 1:
             queries = queries.subset(shard_positions(len(queries), trainer.global_rank, trainer.world_size))
@@ -407,14 +416,6 @@ def _sorted_by_index(outs: ProbeOutputs) -> ProbeOutputs:
     pick = lambda t: t[order] if t is not None else None  # noqa: E731
     return ProbeOutputs(outs.outputs[order], pick(outs.labels), outs.indices[order],
                         {n: a[order] for n, a in outs.activations.items()}, pick(outs.features))
-
-
-def _has_val_source(trainer) -> bool:
-    """Whether the trainer was given validation data (dataloaders, a datamodule or the module's hook)."""
-    try:
-        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
-    except AttributeError:  # another Lightning layout: let on_train_start's resolution decide
-        return True
 
 
 def _current_lr(trainer) -> float:

@@ -117,7 +117,8 @@ def check_class_labels(y: Tensor | None, what: str) -> None:
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
         raise ValueError(
             f"{what} labels must be a 1-D tensor of integer class indices (classification); got "
-            f"dtype {y.dtype} and shape {tuple(y.shape)} — regression targets are not supported"
+            f"dtype {y.dtype} and shape {tuple(y.shape)}. Regression targets, multi-label targets and float 0/1 "
+            "targets of a one-logit (BCE) model are not supported: the model must output one logit per class"
         )
 
 
