@@ -46,8 +46,8 @@ class LayerClusters(InterpretationCallback):
       ``index`` columns (and input thumbnails when the inputs are images); see ``embeddings``.
 
     Args:
-        every_n_epochs: run at the end of every n-th training epoch (one analysis takes about 0.15 s on the
-            demo; every 10 epochs adds 9-11% to the demo's 3-second run, 3.8% with a 4x wider CNN).
+        every_n_epochs: run at the end of every n-th training epoch (one analysis takes 0.25-0.4 s on the
+            demo at max_iter 200; every 10 epochs adds 16-22% to the demo's 3-second run, docs/benchmarks.md).
         probe: ``"val"``, ``"train"`` or a ``Dataset``.
         probe_size: samples analysed (a coreset of the probe, see ``probe_selector``); ``None`` = all. A probe
             smaller than this is analysed whole (one warning).
