@@ -46,6 +46,33 @@ def gather_by_index(strategy, rows: torch.Tensor, indices: torch.Tensor) -> tupl
     return rows[unique], indices[unique]
 
 
+class FailedOnAnotherRank(RuntimeError):
+    """A rank's share of a sharded analysis failed, so this rank stops the analysis too (see :func:`fail_together`)."""
+
+
+@contextlib.contextmanager
+def fail_together(strategy, what: str) -> Iterator[None]:
+    """Run this rank's share of sharded work; if it raises on any rank, raise on every rank.
+
+    Wrap the local work that precedes a gather: an error that only one rank's shard causes (a bad sample, a
+    label the head does not have) would otherwise leave that rank skipping the analysis while the others wait in
+    the gather, a deadlock. One boolean all-reduce per use, under DDP only.
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        error = err
+    failed_anywhere = error is not None
+    if getattr(strategy, "world_size", 1) > 1:
+        failed_anywhere = bool(strategy.reduce_boolean_decision(error is not None, all=False))
+    if error is not None:
+        raise error
+    if failed_anywhere:
+        raise FailedOnAnotherRank(f"{what} failed on another rank (its shard of the data); that rank's warning, "
+                                  "or strict=True, shows the error")
+
+
 _BROADCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (key, rank zero's buffers)
 
 

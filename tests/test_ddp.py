@@ -52,3 +52,24 @@ def test_an_alert_hook_failing_on_rank_zero_neither_hangs_nor_desynchronises_the
     assert strict.returncode != 0
     assert "rank 0 raised ConnectionError: webhook unreachable" in strict.stdout, strict.stderr[-3000:]
     assert "rank 1 raised RuntimeError: AlwaysAlerts: an alert hook failed on global rank zero" in strict.stdout
+
+
+def test_an_analysis_failing_on_one_rank_is_skipped_on_every_rank_without_a_hang():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_shard_error.py")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 finished 2 epochs, skipped 2: ['FailedOnAnotherRank']" in proc.stdout, proc.stdout
+    assert "rank 1 finished 2 epochs, skipped 2: ['OSError']" in proc.stdout, proc.stdout
+
+
+def test_a_spawning_strategy_says_the_results_stay_in_the_workers(tmp_path):
+    import pytest
+
+    from lightning_interp import ARMDrift, InterpretationWarning
+    from lightning_interp._lightning import Trainer
+    from lightning_interp.demo import DigitsCNN
+
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, default_root_dir=tmp_path)
+    with pytest.warns(InterpretationWarning, match="start_method='spawn'.*results .* stay empty in this process"):
+        ARMDrift().setup(trainer, DigitsCNN(), "fit")

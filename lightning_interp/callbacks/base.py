@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
 from ..capture import resolve_head, select_layers
-from ..distributed import gather_by_index, rank_zero_buffers, shard_positions
+from ..distributed import fail_together, gather_by_index, rank_zero_buffers, shard_positions
 from ..probe import (
     BatchToXY,
     UnreadableLayers,
@@ -365,6 +365,15 @@ class InterpretationCallback(Callback):
                 f"{type(self).__name__}(probe='val') needs validation data, but the trainer has none; pass "
                 "val_dataloaders / a datamodule with val_dataloader(), or probe='train' or probe=<a Dataset>"
             )
+        start_method = getattr(trainer.strategy, "_start_method", "popen")
+        if stage == "fit" and start_method != "popen":
+            warn_once_per_trainer(
+                trainer, "spawned_workers",
+                f"strategy with start_method={start_method!r} ({type(trainer.strategy).__name__}): the fit runs in "
+                "worker processes, and Lightning sends back only the weights, so the callbacks' results (history_, "
+                "scores_, results_, ...) stay empty in this process; they are in the logs and in checkpoints. "
+                "Use strategy='ddp' to read them here",
+            )
         hooks = overridden_batch_hooks(pl_module, getattr(trainer, "datamodule", None))
         if hooks and self.batch_to_xy is None:
             warn_once_per_trainer(
@@ -587,7 +596,8 @@ class InterpretationCallback(Callback):
         # Under DDP every rank must hit or miss alike (a forward pass can itself be a collective, e.g. FSDP):
         # only a pass over exactly the same shard serves, and passes record only what was asked for.
         shard = probe.subset(shard_positions(len(probe), trainer.global_rank, world))
-        local = cache.get(pl_module, shard, layers or {}, step, features=features, exact=True)
+        with fail_together(trainer.strategy, f"{type(self).__name__}'s forward pass over the probe"):
+            local = cache.get(pl_module, shard, layers or {}, step, features=features, exact=True)
         return gather_outputs(trainer.strategy, local)
 
     def upcoming_read(self, trainer, pl_module) -> PendingRead | None:

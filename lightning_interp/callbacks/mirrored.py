@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from ..distributed import gather_by_index, shard_positions
+from ..distributed import fail_together, gather_by_index, shard_positions
 from ..methods.mirrored import (
     LEAK_TEMPERATURE,
     MISLABEL_RULE,
@@ -251,7 +251,7 @@ class MirroredInfluence(InterpretationCallback):
         if trainer.world_size > 1:
             shard = probe.subset(shard_positions(len(probe), trainer.global_rank, trainer.world_size))
         after, index = [], []
-        with evaluation_mode(pl_module):
+        with fail_together(trainer.strategy, "MirroredInfluence's scoring"), evaluation_mode(pl_module):
             for x, y, idx in shard.batches(device):
                 after.append(per_sample_loss(pl_module, updated, buffers, x, y).float().cpu())
                 index.append(idx)
@@ -285,6 +285,16 @@ class MirroredInfluence(InterpretationCallback):
             queries = queries.subset(shard_positions(len(queries), trainer.global_rank, trainer.world_size))
         rt, ft = head_gradient_directions(train_outs.outputs, train_outs.features, train_outs.labels,
                                           self.leak_temperature)
+        with fail_together(trainer.strategy, "MirroredInfluence's leak search"):
+            results, order = self._score_queries(pl_module, queries, train_outs, rt, ft)
+        rows, query_index = gather_by_index(trainer.strategy, torch.cat(results), torch.cat(order))
+        found = (rows[:, 0] > self.leak_threshold).nonzero().squeeze(1)
+        found = found[rows[found, 0].argsort(descending=True)]
+        self.leaks_ = [(int(query_index[i]), int(rows[i, 1]), float(rows[i, 0])) for i in found]
+
+    def _score_queries(self, pl_module, queries: ProbeData, train_outs, rt: Tensor,
+                       ft: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's queries, by batch: ``[top influence, training index]`` rows and the queries' indices."""
         results, order = [], []
         for x, y, index in queries.batches("cpu"):
             try:
@@ -300,10 +310,7 @@ class MirroredInfluence(InterpretationCallback):
             values, best = top_relative_influence(rq, fq, rt, ft, top_k=1)
             results.append(torch.stack([values[:, 0].double(), train_outs.indices[best[:, 0]].double()], dim=1))
             order.append(index)
-        rows, query_index = gather_by_index(trainer.strategy, torch.cat(results), torch.cat(order))
-        found = (rows[:, 0] > self.leak_threshold).nonzero().squeeze(1)
-        found = found[rows[found, 0].argsort(descending=True)]
-        self.leaks_ = [(int(query_index[i]), int(rows[i, 1]), float(rows[i, 0])) for i in found]
+        return results, order
 
     def _query_views(self, x: Tensor) -> Tensor:
         """``[G, B, ...]``: the queries under every translation up to ``leak_shift_radius`` when they are images
