@@ -369,12 +369,13 @@ class ComponentAttribution(InterpretationCallback):
         }
 
     def _save(self, paths: list[Path], trainer) -> None:
-        if not paths or not trainer.is_global_zero or trainer.fast_dev_run:
+        if not paths or trainer.fast_dev_run:
             return
-        record = self._record()
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(record, path)
+        if trainer.is_global_zero:  # one writer; every rank records the paths, so all ranks' histories agree
+            record = self._record()
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(record, path)
         self.history_[-1]["files"] = [str(p) for p in paths]
 
     def _epoch_file(self, trainer) -> Path:
