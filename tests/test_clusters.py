@@ -345,13 +345,16 @@ def test_summary_table_reads_generic_and_specific_by_depth(trained):
 def test_sharp_change_alert_and_state_round_trip(trained):
     cb, trainer, _ = trained
     before = len(cb.alerts_)
-    cb._check_alerts(trainer, {"fc1": {"n_clusters": 20}}, {"fc1": 8})
-    cb._check_alerts(trainer, {"fc1": {"n_clusters": 9}}, {"fc1": 8})
+    cb._check_alerts(trainer, {"fc1": {"n_clusters": 20, "nmi": 0.31}}, {"fc1": (8, 0.74)})
+    cb._check_alerts(trainer, {"fc1": {"n_clusters": 9, "nmi": 0.7}}, {"fc1": (8, 0.74)})
     assert len(cb.alerts_) == before + 1 and "from 8 to 20" in cb.alerts_[-1].message
+    assert "(NMI with the classes 0.74 -> 0.31)" in cb.alerts_[-1].message
+    cb._check_alerts(trainer, {"fc1": {"n_clusters": 2, "nmi": None}}, {"fc1": (8, None)})  # no labels: no NMI
+    assert len(cb.alerts_) == before + 2 and "NMI" not in cb.alerts_[-1].message
     cb._check_alerts(trainer, {"conv1": {"n_clusters": 1}}, {}, varying={"conv1"})  # its label maps differ
-    assert len(cb.alerts_) == before + 1
+    assert len(cb.alerts_) == before + 2
     cb._check_alerts(trainer, {"conv1": {"n_clusters": 1}}, {})
-    assert len(cb.alerts_) == before + 2 and "collapsed to one cluster" in cb.alerts_[-1].message
+    assert len(cb.alerts_) == before + 3 and "collapsed to one cluster" in cb.alerts_[-1].message
     state = cb.state_dict()
     fresh = LayerClusters()
     fresh.load_state_dict(state)

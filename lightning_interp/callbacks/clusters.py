@@ -153,7 +153,7 @@ class LayerClusters(InterpretationCallback):
         classes = _class_labels(outs)
         maps, inputs = self._label_map_activations(pl_module, probe, layers)
         epoch = trainer.current_epoch
-        previous = {name: r["n_clusters"] for name, r in self.results_.items()}
+        previous = {name: (r["n_clusters"], r.get("nmi")) for name, r in self.results_.items()}
         requests = {(name, "samples"): (outs.activations[name].flatten(1), classes, None) for name in layers}
         requests.update({(name, "positions"): (spatial_samples(m), None, self.max_label_map_positions)
                          for name, m in maps.items()})
@@ -285,7 +285,8 @@ class LayerClusters(InterpretationCallback):
                 "class-specific (retrain for a new task).")
 
     # -- alerts --------------------------------------------------------------------------------------------
-    def _check_alerts(self, trainer, results, previous: dict[str, int], varying: set[str] = frozenset()) -> None:
+    def _check_alerts(self, trainer, results, previous: dict[str, tuple[int, float | None]],
+                      varying: set[str] = frozenset()) -> None:
         """``varying``: conv layers whose label maps differ between images. Such a layer is not collapsed even
         when its per-sample averages form one group (a first conv layer's averages are close to a linear
         function of the input's mean); padding alone makes positions differ, images differing does not."""
@@ -298,14 +299,16 @@ class LayerClusters(InterpretationCallback):
                 self.alert(trainer, metric, count, 1, f"layer {name!r} collapsed to one cluster on the probe: its "
                            "activations no longer separate the samples (dead, saturated or constant units?)")
                 continue
-            before = previous.get(name)
-            if self.max_change is None or before is None:
+            if self.max_change is None or name not in previous:
                 continue
+            before, nmi_before = previous[name]
             change = abs(count - before) / max(before, 1)
             if change > self.max_change and abs(count - before) >= 2:
+                nmi = "" if nmi_before is None or r["nmi"] is None else (
+                    f" (NMI with the classes {nmi_before:.2f} -> {r['nmi']:.2f})")
                 self.alert(trainer, metric, count, self.max_change,
                            f"layer {name!r} went from {before} to {count} clusters since the last run "
-                           f"({change:.0%} change): its representation is reorganising")
+                           f"({change:.0%} change): its representation is reorganising{nmi}")
 
     # -- state ---------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:  # results_ is small: weights [K], labels [probe] per layer
