@@ -146,20 +146,25 @@ def resolve_dataset(trainer, source: ProbeSource, argument: str = "probe") -> Da
     return dataset
 
 
+def _declared_source(trainer, source: str):
+    """Lightning's record of where the fit's ``source`` loaders come from (``None`` in another Lightning layout)."""
+    try:
+        return (trainer.fit_loop if source == "train" else trainer.fit_loop.epoch_loop.val_loop)._data_source
+    except AttributeError:
+        return None
+
+
 def has_val_source(trainer) -> bool:
     """Whether the trainer was given validation data (dataloaders, a datamodule or the module's hook)."""
-    try:
-        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
-    except AttributeError:  # another Lightning layout: let the first analysis decide
-        return True
+    data_source = _declared_source(trainer, "val")
+    return True if data_source is None else bool(data_source.is_defined())  # unknown layout: the analysis decides
 
 
 def declared_loaders(trainer, source: str):
     """The ``source`` loaders the user gave the trainer (to ``fit``, in a datamodule or as the module's hook), asked
     for before Lightning loads them itself: the val loaders are loaded at the first validation, which comes later
     than an epoch's end with ``check_val_every_n_epoch > 1`` and never with ``limit_val_batches=0``."""
-    loop = trainer.fit_loop if source == "train" else trainer.fit_loop.epoch_loop.val_loop
-    data_source = getattr(loop, "_data_source", None)
+    data_source = _declared_source(trainer, source)
     if data_source is not None and data_source.is_defined():
         return data_source.dataloader()
     if trainer.datamodule is not None:
