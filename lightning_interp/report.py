@@ -38,6 +38,9 @@ def custom_scalars_layout(callbacks) -> dict[str, dict[str, list]]:
     if layout:
         layout["lightning_interp: cost"] = {"seconds per analysis": ["Multiline", [r"[^/]+/cost/seconds"]],
                                             "share of the fit's wall time": ["Multiline", [r"[^/]+/cost/share"]]}
+        if any(getattr(callback, "max_overhead", None) is not None for callback in callbacks):
+            layout["lightning_interp: cost"]["analyses postponed (max_overhead)"] = [
+                "Multiline", [r"[^/]+/cost/postponed"]]
         layout["lightning_interp: alerts"] = {"alerts": ["Multiline", [r"alerts/.*"]]}
     return layout
 

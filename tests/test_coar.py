@@ -543,3 +543,15 @@ def test_silent_modules_checks_every_example_and_leaves_a_training_model_alone()
     assert C.silent_modules(model, components, x[:2]) == ["experts.0", "experts.1"]
     assert C.silent_modules(model, components, x, batch_size=64) == []  # expert 1 first runs in the last batch
     assert model.training and all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
+def test_checkpoint_runs_over_the_overhead_budget_wait_for_a_later_checkpoint(tmp_path):
+    """max_overhead also spaces the checkpoint-driven runs: after the first, a 1% budget is not reached again
+    within 4 short epochs, so the other checkpoints pass without a run (counted, not silent)."""
+    from lightning_interp.alerts import InterpretationWarning
+
+    callback = _small_callback(max_overhead=0.01)
+    with pytest.warns(InterpretationWarning, match="ComponentAttribution postponed its analysis of epoch 1"):
+        _fit_demo(tmp_path, [callback], max_epochs=4)
+    assert [h["epoch"] for h in callback.history_] == [0]
+    assert callback.cost_["runs"] == 1 and callback.cost_["postponed"] == 3

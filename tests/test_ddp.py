@@ -73,3 +73,14 @@ def test_a_spawning_strategy_says_the_results_stay_in_the_workers(tmp_path):
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, default_root_dir=tmp_path)
     with pytest.warns(InterpretationWarning, match="start_method='spawn'.*results .* stay empty in this process"):
         ARMDrift().setup(trainer, DigitsCNN(), "fit")
+
+
+def test_the_overhead_budget_is_decided_once_for_every_rank():
+    """Only rank zero's analyses are slow: on its own clock rank one would run every analysis and wait in a gather
+    that rank zero never joins. Rank zero decides for both: the first analysis runs, the next three are postponed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_budget.py")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 finished 4 epochs, analysed [0], postponed 3" in proc.stdout, proc.stdout
+    assert "rank 1 finished 4 epochs, analysed [0], postponed 3" in proc.stdout, proc.stdout

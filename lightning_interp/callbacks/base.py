@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._lightning import Callback
 from ..alerts import Alert, AlertPolicy, InterpretationAlert, InterpretationWarning, validate_action
+from ..budget import OverheadBudget, check_max_overhead, within_budget
 from ..capture import resolve_head, select_layers
 from ..distributed import fail_together, gather_by_index, rank_zero_buffers, shard_positions
 from ..probe import (
@@ -190,6 +191,10 @@ class InterpretationCallback(Callback):
     Args:
         every_n_epochs: run :meth:`compute` at the end of every n-th training epoch (0 only for callbacks
             driven by other events such as checkpoints: it disables the schedule).
+        max_overhead: a budget, as a share of the fit's wall time (0.05 = 5%): an analysis that comes due (on the
+            epoch schedule, or at a checkpoint for ComponentAttribution) is postponed while running it, at the last
+            one's cost, would lift this callback's analyses above that share; it runs at the first epoch end (or
+            checkpoint) where it fits. The first analysis always runs. ``None`` (default): every one runs.
         probe: the data analysed — ``"val"``, ``"train"`` or a map-style ``Dataset``.
         probe_size: analyse a coreset of the probe: a fraction in (0, 1] or a number of samples; ``None`` uses
             all of it.
@@ -215,9 +220,11 @@ class InterpretationCallback(Callback):
         coreset_: the last coreset selection: epoch, probe_size, selector, balance, size, of (probe length),
             indices and fidelity.
         skipped_: ``{"epoch", "error"}`` of every analysis that failed and was skipped (one warning per cause).
-        cost_: what the analyses cost in this fit: ``runs``, ``seconds`` (wall time inside them), ``last_seconds``
-            and ``share`` (``seconds`` over the fit's wall time so far); logged as ``<tag>/cost/seconds`` and
-            ``<tag>/cost/share`` at every run, so the overhead on your own training shows in TensorBoard.
+        cost_: what the analyses cost in this fit: ``runs``, ``seconds`` (wall time inside them), ``last_seconds``,
+            ``share`` (``seconds`` over the fit's wall time so far) and ``postponed`` (scheduled analyses
+            ``max_overhead`` postponed); logged as ``<tag>/cost/seconds`` and ``<tag>/cost/share`` at every run (and
+            ``<tag>/cost/postponed`` at every postponement), so the overhead on your own training shows in
+            TensorBoard.
     """
 
     tag: ClassVar[str] = "interp"
@@ -228,6 +235,7 @@ class InterpretationCallback(Callback):
         self,
         *,
         every_n_epochs: int = 1,
+        max_overhead: float | None = None,
         probe: ProbeSource = "val",
         probe_size: Union[int, float, None] = None,
         probe_selector: str = "random",
@@ -248,6 +256,7 @@ class InterpretationCallback(Callback):
         if every_n_epochs == 0 and self.runs_on_epoch_schedule:
             raise ValueError(f"every_n_epochs=0 would never run {type(self).__name__} (it runs on the epoch "
                              "schedule only); use every_n_epochs >= 1, or leave the callback out")
+        check_max_overhead(max_overhead)
         check_data_source("probe", probe)
         if probe_size is not None:
             if isinstance(probe_size, bool) or not isinstance(probe_size, (int, float)):
@@ -274,6 +283,8 @@ class InterpretationCallback(Callback):
             warnings.warn(f"{type(self).__name__}: {', '.join(ignored)} only apply to a coreset, and probe_size=None "
                           "analyses the whole probe; set probe_size to use them", InterpretationWarning, stacklevel=2)
         self.every_n_epochs = every_n_epochs
+        self.max_overhead = max_overhead
+        self._budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         self.probe = probe
         self.probe_size = probe_size
         self.probe_selector = probe_selector
@@ -305,7 +316,7 @@ class InterpretationCallback(Callback):
         self._silent_layers: set[str] = set()  # default layers found not to run in forward()
         self._last_run_step: tuple | None = None  # training_step_key of the latest run
         self.skipped_: list[dict[str, Any]] = []
-        self.cost_: dict[str, float] = {"runs": 0, "seconds": 0.0, "last_seconds": 0.0, "share": 0.0}
+        self.cost_: dict[str, float] = _fresh_cost()
         self._fit_clock: float | None = None
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
@@ -403,7 +414,9 @@ class InterpretationCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_clock = time.perf_counter()
-        self.cost_ = {"runs": 0, "seconds": 0.0, "last_seconds": 0.0, "share": 0.0}
+        self.cost_ = _fresh_cost()
+        if self._budget is not None:
+            self._budget.reset()
 
     def on_train_start(self, trainer, pl_module) -> None:
         earlier = self._history_trainer() if self._history_trainer is not None else None
@@ -428,6 +441,36 @@ class InterpretationCallback(Callback):
 
     #: Whether the epoch schedule is this callback's only trigger (a subclass with other triggers sets False).
     runs_on_epoch_schedule: ClassVar[bool] = True
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        """Under ``max_overhead``, decide whether this epoch's analysis (scheduled or postponed) runs."""
+        budget = self._budget
+        if budget is None or self._smoke_test or self._fit_clock is None:
+            return
+        epoch = trainer.current_epoch
+        scheduled = self._scheduled(epoch)
+        allowed = self._within_budget(trainer) if budget.wants(scheduled) else True
+        if budget.decide(epoch, scheduled, allowed):
+            self._report_postponed(epoch)
+
+    def _within_budget(self, trainer) -> bool:
+        """Whether one more analysis, at the last one's cost, keeps this callback within ``max_overhead`` (decided
+        on rank zero and broadcast: the ranks' clocks differ, and a rank running an analysis alone would hang)."""
+        elapsed = time.perf_counter() - self._fit_clock
+        allowed = within_budget(self.cost_["seconds"], self.cost_["last_seconds"], elapsed, self._budget.share)
+        return bool(trainer.strategy.broadcast(allowed, src=0))
+
+    def _report_postponed(self, epoch: int) -> None:
+        spent, elapsed = self.cost_["seconds"], time.perf_counter() - self._fit_clock
+        self.cost_["postponed"] = self._budget.postponed
+        self.reporter.log_scalars({f"{self.tag}/cost/postponed": self._budget.postponed})
+        self.warn_once(
+            "budget:postponed",
+            f"{type(self).__name__} postponed its analysis of epoch {epoch}: its analyses have taken {spent:.2f} s, "
+            f"{spent / max(elapsed, 1e-9):.0%} of the fit's wall time so far, and one more would pass "
+            f"max_overhead={self.max_overhead}. It runs as soon as it fits (one still postponed when training "
+            f"ends does not run); cost_['postponed'] and {self.tag}/cost/postponed count them",
+        )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._is_due(trainer.current_epoch):
@@ -478,9 +521,16 @@ class InterpretationCallback(Callback):
             )
 
     # -- scheduling and error policy ------------------------------------------------------------------------
-    def _is_due(self, epoch: int) -> bool:
+    def _scheduled(self, epoch: int) -> bool:
         """On the schedule; under ``fast_dev_run`` (one short epoch, Lightning's smoke test) on that epoch."""
         return self.every_n_epochs > 0 and (self._smoke_test or (epoch + 1) % self.every_n_epochs == 0)
+
+    def _is_due(self, epoch: int) -> bool:
+        """Whether an analysis runs at the end of ``epoch``: the schedule, as ``max_overhead`` decided it."""
+        scheduled = self._scheduled(epoch)
+        if self._budget is None or self._smoke_test:
+            return scheduled
+        return self._budget.due(epoch, scheduled)
 
     def run_now(self, trainer, pl_module) -> None:
         """Run :meth:`compute` now, under the callback's error policy and with the DDP-safe stop."""
@@ -769,6 +819,10 @@ class InterpretationCallback(Callback):
                 [[self.probe_selector, size, len(full), fid.get("spearman", "n/a"), fid.get("jaccard_top_k", "n/a")]],
             ),
         )
+
+
+def _fresh_cost() -> dict[str, float]:
+    return {"runs": 0, "seconds": 0.0, "last_seconds": 0.0, "share": 0.0, "postponed": 0}
 
 
 def _settings_text(settings: dict[str, Any]) -> str:

@@ -158,8 +158,8 @@ class ComponentAttribution(InterpretationCallback):
     def _check_layers(self, pl_module) -> None:
         find_components(pl_module, self.layers, self.layer_types, head=self.head)  # fails fast, naming the layers found
 
-    def _is_due(self, epoch: int) -> bool:
-        return self._use_epoch_schedule and super()._is_due(epoch)
+    def _scheduled(self, epoch: int) -> bool:
+        return self._use_epoch_schedule and super()._scheduled(epoch)
 
     def analysed_epoch(self, trainer) -> int:
         """The epoch whose weights are analysed: once training has ended Lightning counts the last epoch as
@@ -180,6 +180,10 @@ class ComponentAttribution(InterpretationCallback):
             return  # a second file at the same step (e.g. top-k and last): same weights, one analysis
         if not self._checkpoint_due(trainer.current_epoch):
             return
+        if self._budget is not None and self._fit_clock is not None and not self._within_budget(trainer):
+            self._budget.note_postponed()  # the next checkpoint is due again
+            self._report_postponed(trainer.current_epoch)
+            return
         started = time.time()
         self.run_now(trainer, pl_module)
         if self._last_run is not None and self._last_run[1] == trainer.global_step:
@@ -189,6 +193,7 @@ class ComponentAttribution(InterpretationCallback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._flush_pending(trainer)
+        super().on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._flush_pending(trainer)

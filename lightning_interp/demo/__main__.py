@@ -15,8 +15,9 @@ from .data import DigitsDataModule
 from .model import DigitsCNN
 
 
-def default_callbacks(datamodule: DigitsDataModule | None = None) -> list:
-    """All four callbacks at their defaults (what the overhead benchmark measures).
+def default_callbacks(datamodule: DigitsDataModule | None = None, **common) -> list:
+    """All four callbacks at their defaults (what the overhead benchmark measures), each also given ``common``
+    arguments (e.g. ``max_overhead=0.025``).
 
     With a ``datamodule``, MirroredInfluence searches its *test* images for copies in the training set (the
     demo leaks test images; the default query set is the validation set).
@@ -24,7 +25,8 @@ def default_callbacks(datamodule: DigitsDataModule | None = None) -> list:
     from .. import ARMDrift, ComponentAttribution, LayerClusters, MirroredInfluence
 
     leak_queries = datamodule.test_dataset if datamodule is not None else "val"
-    return [ARMDrift(), MirroredInfluence(leak_queries=leak_queries), ComponentAttribution(), LayerClusters()]
+    return [ARMDrift(**common), MirroredInfluence(leak_queries=leak_queries, **common),
+            ComponentAttribution(**common), LayerClusters(**common)]
 
 
 def build_trainer(logdir: str | Path, epochs: int, callbacks: list, progress: bool = True) -> Trainer:
