@@ -1,12 +1,13 @@
 """The base callback in real Trainer runs: schedule, no disturbance, alerts, state, reporting, errors."""
 
+import re
 import warnings
 
 import pytest
 import torch
 from conftest import MeanActivation, assert_same_training, make_trainer, read_scalars, read_tags
 
-from lightning_interp import InterpretationAlert, InterpretationWarning
+from lightning_interp import ARMDrift, InterpretationAlert, InterpretationWarning, LayerClusters, MirroredInfluence
 from lightning_interp._lightning import ModelCheckpoint
 from lightning_interp.capture import LayerSelectionError
 from lightning_interp.demo import DigitsCNN
@@ -196,6 +197,27 @@ def test_bad_configuration_fails_fast_with_what_exists(tmp_path, datamodule):
                                          r"coreset of 5 from 270 .* each of the 10 classes"):
         make_trainer(tmp_path, [MeanActivation(probe_size=5, probe_balance=True, strict=True)]).fit(DigitsCNN(),
                                                                                                     datamodule)
+
+
+def _empty_digits():
+    from torch.utils.data import TensorDataset
+
+    return TensorDataset(torch.empty(0, 1, 8, 8), torch.empty(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("build, argument", [
+    (lambda: MeanActivation(probe=_empty_digits()), "MeanActivation(probe=...)"),
+    (lambda: LayerClusters(probe=_empty_digits()), "LayerClusters(probe=...)"),
+    (lambda: ARMDrift(shift_data=_empty_digits()), "ARMDrift(shift_data=...)"),
+    (lambda: MirroredInfluence(trusted=_empty_digits()), "MirroredInfluence(trusted=...)"),
+    (lambda: MirroredInfluence(leak_queries=_empty_digits()), "MirroredInfluence(leak_queries=...)"),
+])
+def test_an_empty_dataset_is_named_at_setup(tmp_path, datamodule, build, argument):
+    """Before, an empty probe failed at every analysis (one warning, then nothing, for the whole fit)."""
+    trainer = make_trainer(tmp_path, [build()], max_epochs=1, logger=False)
+    with pytest.raises(ProbeDataError, match=re.escape(argument) + " got an empty TensorDataset"):
+        trainer.fit(DigitsCNN(), datamodule)
+    assert trainer.global_step == 0  # failed at setup, before any training
 
 
 def test_a_failing_analysis_warns_once_and_training_continues(tmp_path, datamodule):

@@ -155,6 +155,9 @@ class ARMDrift(InterpretationCallback):
     def _state_key_fields(self) -> dict[str, Any]:
         return {**super()._state_key_fields(), "reference": self.reference, "shift_data": _source_name(self.shift_data)}
 
+    def data_arguments(self) -> dict[str, Any]:
+        return {**super().data_arguments(), "shift_data": self.shift_data}
+
     # -- the analysis ---------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
         epoch = trainer.current_epoch

@@ -376,6 +376,8 @@ class InterpretationCallback(Callback):
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer, strict=self.strict)
         self._check_layers(pl_module)
+        if stage == "fit":
+            self._check_not_empty()
         if stage == "fit" and isinstance(self.probe, str) and self.probe == "val" and not has_val_source(trainer):
             raise ProbeDataError(
                 f"{type(self).__name__}(probe='val') needs validation data, but the trainer has none; pass "
@@ -428,6 +430,21 @@ class InterpretationCallback(Callback):
             )
         if self._restored_this_fit:
             self._history_trainer = weakref.ref(trainer)
+
+    def data_arguments(self) -> dict[str, Any]:
+        """The callback's data arguments by name (``"train"``, ``"val"``, a Dataset, a DataLoader or ``None``);
+        subclasses with more than the probe add theirs."""
+        return {"probe": self.probe}
+
+    def _check_not_empty(self) -> None:
+        """Fail at setup on a dataset argument without samples (an analysis of it could only fail, every time)."""
+        for name, source in self.data_arguments().items():
+            dataset = source.dataset if isinstance(source, DataLoader) else source
+            if dataset is None or isinstance(dataset, str) or not hasattr(dataset, "__len__"):
+                continue
+            if len(dataset) == 0:
+                raise ProbeDataError(f"{type(self).__name__}({name}=...) got an empty {type(dataset).__name__}: "
+                                     "there is nothing to analyse; pass a dataset with samples")
 
     def _warn_if_schedule_unreachable(self, trainer, stage: str) -> None:
         max_epochs = trainer.max_epochs

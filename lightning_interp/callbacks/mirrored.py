@@ -168,6 +168,9 @@ class MirroredInfluence(InterpretationCallback):
         return {**super()._state_key_fields(), "trusted": _source_name(self.trusted),
                 "leak_queries": _source_name(self.leak_queries)}
 
+    def data_arguments(self) -> dict[str, Any]:
+        return {**super().data_arguments(), "trusted": self.trusted, "leak_queries": self.leak_queries}
+
     # -- results ---------------------------------------------------------------------------------------
     @property
     def scores_(self) -> Tensor:
