@@ -3,7 +3,8 @@
 A fixed schedule costs a fixed time per analysis, whatever the training costs: every 10 epochs is nothing on a
 model that trains for hours and a third of the time on one that trains in seconds. With a budget, an analysis that
 comes due is postponed while running it would lift the callback's share of the fit's wall time above the budget,
-and runs at the first epoch end where it fits. The cost of the next analysis is taken to be the last one's, so the
+and runs at the first epoch end where it fits (decided at the epoch's start, counting the coming epoch at the fit's
+average epoch length). The cost of the next analysis is taken to be the last one's, so the
 first analysis always runs (nothing is known of its cost before).
 """
 
@@ -40,8 +41,9 @@ class OverheadBudget:
     pending: bool = False  # one postponed analysis waits for the budget
     _decisions: dict[int, bool] = field(default_factory=dict)
 
-    def reset(self) -> None:
-        self.postponed, self.pending = 0, False
+    def reset(self, pending: bool = False) -> None:
+        """A new fit: no postponements yet; ``pending`` carries one over from the checkpoint it resumes."""
+        self.postponed, self.pending = 0, pending
         self._decisions.clear()
 
     def wants(self, scheduled: bool) -> bool:
@@ -63,6 +65,6 @@ class OverheadBudget:
         self.postponed += 1
 
     def due(self, epoch: int, scheduled: bool) -> bool:
-        """Whether an analysis runs at the end of ``epoch`` (the schedule alone where no decision was made, e.g.
-        outside a fit)."""
-        return self._decisions.get(epoch, scheduled)
+        """Whether an analysis runs at the end of ``epoch``; where no decision was made (outside a fit, or the epoch a
+        fit resumed in the middle of), the schedule or a waiting analysis."""
+        return self._decisions.get(epoch, scheduled or self.pending)

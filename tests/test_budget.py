@@ -91,3 +91,39 @@ def test_the_cost_charts_count_postponed_analyses_only_under_a_budget():
     assert chart not in custom_scalars_layout([MeanActivation(probe_size=0.5)])["lightning_interp: cost"]
     budgeted = custom_scalars_layout([MeanActivation(probe_size=0.5), MeanActivation(max_overhead=0.1)])
     assert budgeted["lightning_interp: cost"][chart] == ["Multiline", [r"[^/]+/cost/postponed"]]
+
+
+def test_an_analysis_waiting_for_the_budget_survives_a_resume(tmp_path, datamodule):
+    """Epoch 3's analysis is postponed when the checkpoint is written; the resumed fit runs it at its first epoch
+    (4, off the every-2 schedule) instead of forgetting it."""
+    from lightning_interp._lightning import ModelCheckpoint
+
+    first = SlowMean(1.0, every_n_epochs=2, max_overhead=0.2, strict=True)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with pytest.warns(InterpretationWarning, match="postponed"):
+        make_trainer(tmp_path, [first, checkpoints], max_epochs=4, logger=False, enable_checkpointing=True).fit(
+            DigitsCNN(), datamodule)
+    assert [h["epoch"] for h in first.history_] == [1] and first.cost_["postponed"] == 1
+
+    resumed = SlowMean(0.0, every_n_epochs=2, max_overhead=0.2, strict=True)
+    make_trainer(tmp_path, [resumed], max_epochs=5, logger=False).fit(
+        DigitsCNN(), datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history_] == [1, 4]
+
+
+def test_the_reference_epoch_of_arm_drift_runs_whatever_the_budget(tmp_path, datamodule):
+    """Every later drift is measured from it: postponing it would leave the whole fit without a drift."""
+    from lightning_interp import ARMDrift
+
+    arm = ARMDrift(reference=1, max_overhead=0.001, strict=True)
+    with pytest.warns(InterpretationWarning, match="postponed"):
+        make_trainer(tmp_path, [arm], max_epochs=4, logger=False).fit(DigitsCNN(), datamodule)
+    assert arm.reference_epoch_ == 1 and arm.cost_["runs"] == 2 and arm.cost_["postponed"] == 2
+
+
+def test_arm_drift_refuses_a_budget_with_a_reselected_previous_reference():
+    from lightning_interp import ARMDrift
+
+    with pytest.raises(ValueError, match="Use max_overhead or reselect_every_n_epochs, not both"):
+        ARMDrift(probe_size=50, reselect_every_n_epochs=5, max_overhead=0.05)
+    ARMDrift(probe_size=50, reselect_every_n_epochs=5, max_overhead=0.05, reference="first")  # no conflict there

@@ -102,6 +102,14 @@ class ARMDrift(InterpretationCallback):
                 f"<= every_n_epochs={self.every_n_epochs} would never report drift; choose reselect_every_n_epochs "
                 f"> every_n_epochs"
             )
+        if (reference == "previous" and self.probe_size is not None and self.reselect_every_n_epochs is not None
+                and self.max_overhead is not None):
+            raise ValueError(
+                f"ARMDrift(reference='previous') compares two analyses of one coreset, and max_overhead can space the "
+                f"analyses further apart than reselect_every_n_epochs={self.reselect_every_n_epochs}: each would then "
+                f"meet a new coreset and become the new reference, and no drift would be reported. Use max_overhead "
+                f"or reselect_every_n_epochs, not both"
+            )
         if isinstance(reference, bool) or not (reference in ("previous", "first") or isinstance(reference, int)):
             raise ValueError(f"reference must be 'previous', 'first' or an epoch number, got {reference!r}")
         if isinstance(reference, int):
@@ -157,6 +165,9 @@ class ARMDrift(InterpretationCallback):
 
     def data_arguments(self) -> dict[str, Any]:
         return {**super().data_arguments(), "shift_data": self.shift_data}
+
+    def _budget_exempt(self, epoch: int) -> bool:
+        return isinstance(self.reference, int) and epoch == self.reference  # every later drift is measured from it
 
     # -- the analysis ---------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:

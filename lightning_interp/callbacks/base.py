@@ -318,6 +318,8 @@ class InterpretationCallback(Callback):
         self.skipped_: list[dict[str, Any]] = []
         self.cost_: dict[str, float] = _fresh_cost()
         self._fit_clock: float | None = None
+        self._fit_first_epoch: int | None = None  # the first epoch this fit started (a resumed fit starts later)
+        self._restored_pending = False  # a checkpoint saved while an analysis waited for the budget
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
 
@@ -416,9 +418,11 @@ class InterpretationCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_clock = time.perf_counter()
+        self._fit_first_epoch = None
         self.cost_ = _fresh_cost()
         if self._budget is not None:
-            self._budget.reset()
+            self._budget.reset(pending=self._restored_pending)
+        self._restored_pending = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         earlier = self._history_trainer() if self._history_trainer is not None else None
@@ -465,15 +469,26 @@ class InterpretationCallback(Callback):
         if budget is None or self._smoke_test or self._fit_clock is None:
             return
         epoch = trainer.current_epoch
+        if self._fit_first_epoch is None:
+            self._fit_first_epoch = epoch
         scheduled = self._scheduled(epoch)
-        allowed = self._within_budget(trainer) if budget.wants(scheduled) else True
+        allowed = True
+        if budget.wants(scheduled) and not self._budget_exempt(epoch):
+            epochs_done = epoch - self._fit_first_epoch
+            training = time.perf_counter() - self._fit_clock - self.cost_["seconds"]
+            allowed = self._within_budget(trainer, ahead=training / epochs_done if epochs_done else 0.0)
         if budget.decide(epoch, scheduled, allowed):
             self._report_postponed(epoch)
 
-    def _within_budget(self, trainer) -> bool:
-        """Whether one more analysis, at the last one's cost, keeps this callback within ``max_overhead`` (decided
-        on rank zero and broadcast: the ranks' clocks differ, and a rank running an analysis alone would hang)."""
-        elapsed = time.perf_counter() - self._fit_clock
+    def _budget_exempt(self, epoch: int) -> bool:
+        """Whether the analysis of ``epoch`` runs whatever the budget (one the rest depends on, e.g. a reference)."""
+        return False
+
+    def _within_budget(self, trainer, ahead: float = 0.0) -> bool:
+        """Whether one more analysis, at the last one's cost, keeps this callback within ``max_overhead`` once
+        ``ahead`` more seconds of training (the coming epoch, at the fit's average) have passed; decided on rank
+        zero and broadcast: the ranks' clocks differ, and a rank running an analysis alone would hang."""
+        elapsed = time.perf_counter() - self._fit_clock + ahead
         allowed = within_budget(self.cost_["seconds"], self.cost_["last_seconds"], elapsed, self._budget.share)
         return bool(trainer.strategy.broadcast(allowed, src=0))
 
@@ -499,6 +514,7 @@ class InterpretationCallback(Callback):
             "probe_indices": self._probe_indices,
             "selected_epoch": self._selected_epoch,
             "coreset": self.coreset_,
+            "budget_pending": self._budget is not None and self._budget.pending,
             **self._extra_state(),
         }
 
@@ -512,6 +528,7 @@ class InterpretationCallback(Callback):
         state = dict(state_dict)
         self.alerts_ = [Alert.from_dict(a) for a in state.pop("alerts", [])]
         self._probe_indices = state.pop("probe_indices", None)
+        self._restored_pending = bool(state.pop("budget_pending", False))
         self._selected_epoch = state.pop("selected_epoch", None)
         self.coreset_ = state.pop("coreset", None)
         self._load_extra_state(state)

@@ -134,6 +134,7 @@ class ComponentAttribution(InterpretationCallback):
         self.history_: list[dict[str, Any]] = []
         self._use_epoch_schedule = not at_checkpoints
         self._last_run: tuple[int, int] | None = None  # (epoch, global step)
+        self._postponed_step: int | None = None  # the step whose checkpoint run max_overhead postponed
         self._pending: dict[str, Any] | None = None  # a result computed during a checkpoint save, file unwritten
         self._after_training = False  # the final-model run of on_train_end
         self._written_next_to: dict[Path, Path] = {}  # attribution file -> the checkpoint it belongs to
@@ -180,10 +181,14 @@ class ComponentAttribution(InterpretationCallback):
             return  # a second file at the same step (e.g. top-k and last): same weights, one analysis
         if not self._checkpoint_due(trainer.current_epoch):
             return
-        if self._budget is not None and self._fit_clock is not None and not self._within_budget(trainer):
-            self._budget.note_postponed()  # the next checkpoint is due again
-            self._report_postponed(trainer.current_epoch)
-            return
+        if self._budget is not None and self._fit_clock is not None:
+            if self._postponed_step == trainer.global_step:
+                return  # a second file at the same step: postponed once
+            if not self._within_budget(trainer):
+                self._postponed_step = trainer.global_step
+                self._budget.note_postponed()  # the next checkpoint is due again
+                self._report_postponed(trainer.current_epoch)
+                return
         started = time.time()
         self.run_now(trainer, pl_module)
         if self._last_run is not None and self._last_run[1] == trainer.global_step:
