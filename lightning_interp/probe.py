@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from .alerts import InterpretationWarning
 from .capture import ActivationRecorder, HeadInputRecorder, resolve_head
 from .isolation import evaluation_mode, preserved_rng
 
@@ -40,6 +42,11 @@ def default_batch_to_xy(batch: object) -> tuple[torch.Tensor, torch.Tensor | Non
         x_key = next((k for k in _INPUT_KEYS if k in batch), None)
         if x_key is not None:
             y_key = next((k for k in _LABEL_KEYS if k in batch), None)
+            if y_key is None and len(batch) > 1:
+                warnings.warn(
+                    f"batch dict has keys {sorted(batch)}: {x_key!r} is read as the input, and none is a label key "
+                    f"({', '.join(_LABEL_KEYS)}), so the probe has no labels; if one of them holds the labels, pass "
+                    "batch_to_xy=<function batch -> (x, y)> to the callback", InterpretationWarning, stacklevel=2)
             return batch[x_key], (batch[y_key] if y_key is not None else None)
         raise ProbeDataError(
             f"batch dict has keys {sorted(batch)}; expected an input key among {list(_INPUT_KEYS)}. "
@@ -49,6 +56,16 @@ def default_batch_to_xy(batch: object) -> tuple[torch.Tensor, torch.Tensor | Non
         f"cannot split a batch of type {type(batch).__name__} into (x, y); "
         "pass batch_to_xy=<function batch -> (x, y)> to the callback."
     )
+
+
+def class_index_labels(y: torch.Tensor) -> torch.Tensor:
+    """Integer labels as the ``[N]`` int64 class indices torch's indexing and losses expect (uint8/int16 labels, or
+    one ``[N, 1]`` column, as datasets often store them); any other label is returned unchanged."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return y
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    return y.long()
 
 
 @contextlib.contextmanager
@@ -177,7 +194,7 @@ class ProbeData:
                     )
                 idx = self.indices[start : start + len(x)]
                 start += len(x)
-                yield x.to(device), (y.to(device) if y is not None else None), idx
+                yield x.to(device), (class_index_labels(y).to(device) if y is not None else None), idx
 
 
 @dataclass

@@ -220,3 +220,19 @@ def test_val_loaders_given_to_fit_are_found_before_lightning_first_validates(tmp
         DigitsCNN(), train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader())
     assert [r["epoch"] for r in arm.history_] == [1, 2, 3]
     assert mirrored.cost_["runs"] == 2 and len(mirrored.scores_) == len(dm.splits.y_train)
+
+
+def test_uint8_labels_work_in_every_analysis(tmp_path):
+    """Labels stored as uint8 (common for image datasets) once broke the leak search and every ComponentAttribution
+    run (index tensors must be int64); they are class indices like any other."""
+    from torch.utils.data import TensorDataset
+
+    s = DigitsDataModule(noise_fraction=0.1, n_leaked=5, seed=0).splits
+    train = DataLoader(TensorDataset(s.x_train, s.y_train.to(torch.uint8)), batch_size=128, shuffle=True)
+    val = DataLoader(TensorDataset(s.x_val, s.y_val.to(torch.uint8)), batch_size=256)
+    callbacks = [MirroredInfluence(every_n_epochs=1, strict=True),
+                 ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=40, n_eval_masks=8,
+                                      probe_size=10, strict=True, progress_bar=False)]
+    make_trainer(tmp_path, callbacks, max_epochs=1, logger=False).fit(DigitsCNN(), train, val)
+    assert all(cb.cost_["runs"] == 1 and not cb.skipped_ for cb in callbacks)
+    assert len(callbacks[0].scores_) == len(s.y_train)

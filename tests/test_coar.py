@@ -553,7 +553,7 @@ def test_checkpoint_runs_over_the_overhead_budget_wait_for_a_later_checkpoint(tm
     from lightning_interp._lightning import ModelCheckpoint
 
     callback = _small_callback(max_overhead=0.01)
-    last = ModelCheckpoint(dirpath=tmp_path / "last", monitor="val/acc", mode="max", save_last=True)  # more files per step
+    last = ModelCheckpoint(dirpath=tmp_path / "last", monitor="val/acc", mode="max", save_last=True)  # 2+ files a step
     with pytest.warns(InterpretationWarning, match="ComponentAttribution postponed its analysis of epoch 1"):
         _fit_demo(tmp_path, [callback, last], max_epochs=4)
     assert [h["epoch"] for h in callback.history_] == [0]

@@ -1,4 +1,5 @@
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -224,3 +225,25 @@ def test_inputs_that_are_not_one_tensor_get_a_message_naming_the_limitation():
     probe = ProbeData(Tabular(), batch_size=4, batch_to_xy=lambda b: ({"num": b["num"], "cat": b["cat"]}, b["label"]))
     with pytest.raises(ProbeDataError, match="inputs must be one tensor .* returned x of type dict"):
         next(probe.batches())
+
+
+@pytest.mark.parametrize("stored", [torch.uint8, torch.int16, torch.int32])
+def test_integer_labels_of_any_width_or_one_column_become_class_indices(stored):
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    for labels in (y.to(stored), y.to(stored)[:, None]):
+        (_, got, _), = ProbeData(TensorDataset(x, labels)).batches()
+        assert got.dtype == torch.int64 and torch.equal(got, y)
+    floats = torch.rand(6, 1)  # regression or BCE targets stay as they are
+    (_, got, _), = ProbeData(TensorDataset(x, floats)).batches()
+    assert torch.equal(got, floats)
+
+
+def test_a_dict_batch_without_a_label_key_names_its_keys_once_read():
+    from lightning_interp import InterpretationWarning
+
+    x, y = torch.randn(4, 3), torch.arange(4)
+    with pytest.warns(InterpretationWarning, match=r"keys \['cls', 'x'\]: 'x' is read as the input, and none is a"):
+        assert default_batch_to_xy({"x": x, "cls": y})[1] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert default_batch_to_xy({"x": x})[1] is None  # inputs only: nothing to say

@@ -593,8 +593,8 @@ class InterpretationCallback(Callback):
             self.skipped_.append({"epoch": self.analysed_epoch(trainer), "error": f"{type(err).__name__}: {err}"})
             self.warn_once(
                 f"error:{type(err).__name__}:{err}",
-                f"{type(self).__name__} skipped epoch {self.analysed_epoch(trainer)}: {err}. Training continues "
-                "(strict=True raises instead); later analyses failing the same way are listed in skipped_ "
+                f"{type(self).__name__} skipped epoch {self.analysed_epoch(trainer)}: {str(err).rstrip('.')}. Training "
+                "continues (strict=True raises instead); later analyses failing the same way are listed in skipped_ "
                 "without another warning.",
             )
         self._record_cost(time.perf_counter() - started)
