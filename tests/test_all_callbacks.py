@@ -236,3 +236,29 @@ def test_uint8_labels_work_in_every_analysis(tmp_path):
     make_trainer(tmp_path, callbacks, max_epochs=1, logger=False).fit(DigitsCNN(), train, val)
     assert all(cb.cost_["runs"] == 1 and not cb.skipped_ for cb in callbacks)
     assert len(callbacks[0].scores_) == len(s.y_train)
+
+
+class BuiltInConfigureModel(DigitsCNN):
+    """DigitsCNN whose layers are made in ``configure_model()``, as Lightning recommends for large or sharded models:
+    at the callbacks' ``setup`` the module has no layers yet."""
+
+    def __init__(self):
+        super().__init__()
+        self._later = dict(self.named_children())
+        for name in self._later:
+            delattr(self, name)
+
+    def configure_model(self):
+        for name, module in self._later.items():
+            if not hasattr(self, name):
+                setattr(self, name, module)
+
+
+def test_layers_made_in_configure_model_are_found(tmp_path, datamodule):
+    callbacks = [ARMDrift(strict=True), MirroredInfluence(every_n_epochs=1, strict=True),
+                 LayerClusters(every_n_epochs=1, probe_size=128, strict=True),
+                 ComponentAttribution(every_n_epochs=1, at_checkpoints=False, n_masks=40, n_eval_masks=8,
+                                      probe_size=10, strict=True, progress_bar=False)]
+    make_trainer(tmp_path, callbacks, max_epochs=2, logger=False).fit(BuiltInConfigureModel(), datamodule)
+    assert [cb.cost_["runs"] for cb in callbacks] == [2, 2, 2, 2]
+    assert set(callbacks[2].results_) == {"conv1", "conv2", "conv3", "fc1"}

@@ -377,7 +377,6 @@ class InterpretationCallback(Callback):
             self._restored_this_fit = False
         self._state_key = None  # settings changed since construction count (the key is frozen from here on)
         self._reporter = Reporter(trainer, strict=self.strict)
-        self._check_layers(pl_module)
         if stage == "fit":
             self._check_not_empty()
         if stage == "fit" and isinstance(self.probe, str) and self.probe == "val" and not has_val_source(trainer):
@@ -417,6 +416,8 @@ class InterpretationCallback(Callback):
             self._warn_if_schedule_unreachable(trainer, stage)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # here, not at setup: Lightning builds layers in configure_model() (and the module's setup()) after that
+        self._check_layers(pl_module)
         self._fit_clock = time.perf_counter()
         self._fit_first_epoch = None
         self.cost_ = _fresh_cost()
@@ -662,7 +663,7 @@ class InterpretationCallback(Callback):
         return chosen if self.layers is not None else {n: m for n, m in chosen.items() if n not in self._silent_layers}
 
     def _check_layers(self, pl_module) -> None:
-        self.select_layers(pl_module)  # fails fast at setup with the available layer names
+        self.select_layers(pl_module)  # fails fast, before training, with the available layer names
         resolve_head(pl_module, self.head)
 
     def forward_probe(
