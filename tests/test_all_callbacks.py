@@ -262,3 +262,19 @@ def test_layers_made_in_configure_model_are_found(tmp_path, datamodule):
     make_trainer(tmp_path, callbacks, max_epochs=2, logger=False).fit(BuiltInConfigureModel(), datamodule)
     assert [cb.cost_["runs"] for cb in callbacks] == [2, 2, 2, 2]
     assert set(callbacks[2].results_) == {"conv1", "conv2", "conv3", "fc1"}
+
+
+def test_training_that_ends_before_the_schedule_still_gets_one_analysis_of_the_final_model(tmp_path, datamodule):
+    """max_steps (like EarlyStopping) ends the fit at epoch 2 of a schedule due at epoch 9: each callback analyses
+    the final model once, recorded under the last trained epoch, instead of ending the fit without a result."""
+    mirrored = MirroredInfluence(strict=True)
+    clusters = LayerClusters(probe_size=128, strict=True)
+    trainer = make_trainer(tmp_path, [mirrored, clusters], max_epochs=30, max_steps=25, logger=False)
+    trainer.fit(DigitsCNN(), datamodule)
+    assert trainer.global_step == 25
+    assert [h["epoch"] for h in mirrored.history_] == [2] and len(mirrored.scores_) == len(datamodule.splits.y_train)
+    assert {h["epoch"] for h in clusters.history_} == {2} and clusters.cost_["runs"] == 1
+
+    again = LayerClusters(probe_size=128, strict=True)  # a schedule out of reach of max_epochs was named at setup
+    make_trainer(tmp_path, [again], max_epochs=2, logger=False).fit(DigitsCNN(), datamodule)
+    assert again.history_ == []

@@ -171,7 +171,7 @@ class ARMDrift(InterpretationCallback):
 
     # -- the analysis ---------------------------------------------------------------------------------------
     def compute(self, trainer, pl_module, probe: ProbeData) -> None:
-        epoch = trainer.current_epoch
+        epoch = self.analysed_epoch(trainer)
         layers = self.select_layers(pl_module)
         # Sorted activations of this epoch by source. The trainer's validation pass sees the module's
         # batch-transfer hooks and precision, ARMDrift's own pass may not: only same-source views are compared.
@@ -468,6 +468,7 @@ class ARMDrift(InterpretationCallback):
         )
 
     def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)  # the final model, if training ended before the schedule
         try:
             self._log_heatmap()
         except Exception as err:  # a failing plot must not fail the end of training

@@ -8,10 +8,11 @@ failures into one warning unless ``strict=True``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
@@ -315,6 +316,8 @@ class InterpretationCallback(Callback):
         self._warned: set[str] = set()
         self._silent_layers: set[str] = set()  # default layers found not to run in forward()
         self._last_run_step: tuple | None = None  # training_step_key of the latest run
+        self._after_training = False  # the final-model run of on_train_end
+        self._fit_start_step = 0  # the global step the fit started from (a resumed fit starts later)
         self.skipped_: list[dict[str, Any]] = []
         self.cost_: dict[str, float] = _fresh_cost()
         self._fit_clock: float | None = None
@@ -418,6 +421,7 @@ class InterpretationCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # here, not at setup: Lightning builds layers in configure_model() (and the module's setup()) after that
         self._check_layers(pl_module)
+        self._fit_start_step = trainer.global_step
         self._fit_clock = time.perf_counter()
         self._fit_first_epoch = None
         self.cost_ = _fresh_cost()
@@ -508,6 +512,29 @@ class InterpretationCallback(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._is_due(trainer.current_epoch):
             self.run_now(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._final_run_wanted(trainer):
+            with self.after_training():
+                self.run_now(trainer, pl_module)
+
+    def _final_run_wanted(self, trainer) -> bool:
+        """Whether training ended (EarlyStopping, ``max_steps``) before the first analysis its schedule had in reach:
+        the final model is analysed then, so such a fit does not end without a result. A schedule that could never
+        come due within ``max_epochs`` was named at setup and stays silent."""
+        max_epochs = trainer.max_epochs
+        reachable = self.every_n_epochs > 0 and not (max_epochs is not None and 0 <= max_epochs < self.every_n_epochs)
+        trained = trainer.global_step > self._fit_start_step
+        return reachable and trained and self.cost_["runs"] == 0 and not self._smoke_test
+
+    @contextlib.contextmanager
+    def after_training(self) -> Iterator[None]:
+        """Inside: analyses read the final model, and record it under the last trained epoch."""
+        self._after_training = True
+        try:
+            yield
+        finally:
+            self._after_training = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -787,8 +814,9 @@ class InterpretationCallback(Callback):
         return charts
 
     def analysed_epoch(self, trainer) -> int:
-        """The epoch whose weights an analysis reads (a subclass that runs after training ends adjusts it)."""
-        return trainer.current_epoch
+        """The epoch whose weights an analysis reads: once training has ended Lightning counts the last epoch as
+        completed (``current_epoch`` is one past it, also when ``max_steps`` stopped it midway)."""
+        return max(0, trainer.current_epoch - 1) if self._after_training else trainer.current_epoch
 
     def _coreset_settings(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "selector": self.probe_selector, "balance": self.probe_balance}

@@ -152,7 +152,7 @@ class LayerClusters(InterpretationCallback):
         outs = self.forward_probe(trainer, pl_module, probe, layers)
         classes = _class_labels(outs)
         maps, inputs = self._label_map_activations(pl_module, probe, layers)
-        epoch = trainer.current_epoch
+        epoch = self.analysed_epoch(trainer)
         previous = {name: (r["n_clusters"], r.get("nmi")) for name, r in self.results_.items()}
         requests = {(name, "samples"): (outs.activations[name].flatten(1), classes, None) for name in layers}
         requests.update({(name, "positions"): (spatial_samples(m), None, self.max_label_map_positions)

@@ -136,7 +136,6 @@ class ComponentAttribution(InterpretationCallback):
         self._last_run: tuple[int, int] | None = None  # (epoch, global step)
         self._postponed_step: int | None = None  # the step whose checkpoint run max_overhead postponed
         self._pending: dict[str, Any] | None = None  # a result computed during a checkpoint save, file unwritten
-        self._after_training = False  # the final-model run of on_train_end
         self._written_next_to: dict[Path, Path] = {}  # attribution file -> the checkpoint it belongs to
         self._plotted_run: int | None = None  # len(history_) when the heat map was last drawn
 
@@ -161,11 +160,6 @@ class ComponentAttribution(InterpretationCallback):
 
     def _scheduled(self, epoch: int) -> bool:
         return self._use_epoch_schedule and super()._scheduled(epoch)
-
-    def analysed_epoch(self, trainer) -> int:
-        """The epoch whose weights are analysed: once training has ended Lightning counts the last epoch as
-        completed (``current_epoch`` is one past it, also when ``max_steps`` stopped it midway)."""
-        return max(0, trainer.current_epoch - 1) if self._after_training else trainer.current_epoch
 
     def _checkpoint_due(self, epoch: int) -> bool:
         if self._last_run is None:
@@ -206,16 +200,14 @@ class ComponentAttribution(InterpretationCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._flush_pending(trainer)
-        if self._last_run is None and not self._use_epoch_schedule:
-            # No checkpoint came when one was due (e.g. the monitored metric stopped improving):
-            # analyse the final model rather than end the run without a result.
-            self._after_training = True
-            try:
+        # No checkpoint came when one was due (e.g. the monitored metric stopped improving), or training ended
+        # before the epoch schedule came due: analyse the final model rather than end the run without a result.
+        final = self._final_run_wanted(trainer) if self._use_epoch_schedule else self._last_run is None
+        if final:
+            with self.after_training():
                 self.run_now(trainer, pl_module)
                 if self.save_attributions and self._last_run is not None:
                     self._save([self._epoch_file(trainer)], trainer)
-            finally:
-                self._after_training = False
         unplotted = hasattr(self, "class_attributions_") and self._plotted_run != len(self.history_)
         if self.plot_every_n_runs is None and unplotted:
             try:

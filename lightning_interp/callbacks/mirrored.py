@@ -359,7 +359,7 @@ class MirroredInfluence(InterpretationCallback):
         scored = int((self._score_count > 0).sum())
         flagged = self.flagged_
         fraction = len(flagged) / max(1, scored)
-        self.history_.append({"epoch": trainer.current_epoch, "flagged": len(flagged),
+        self.history_.append({"epoch": self.analysed_epoch(trainer), "flagged": len(flagged),
                               "flagged_fraction": fraction, "leaks": len(self.leaks_), "seconds": seconds})
         metrics = {f"{self.tag}/flagged_count": len(flagged), f"{self.tag}/flagged_fraction": fraction}
         if self.leak_queries is not None:
@@ -388,6 +388,7 @@ class MirroredInfluence(InterpretationCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The image gallery of the top flagged samples, once, at the end of training."""
+        super().on_train_end(trainer, pl_module)  # the final model, if training ended before the schedule
         if self._last_flagged is None or self.probe_ is None or not self._is_global_zero():
             return
         top, given, predicted, scores = self._last_flagged
