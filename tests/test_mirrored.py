@@ -400,7 +400,35 @@ def test_queries_too_small_for_the_translations_are_compared_as_they_are():
 
 def test_a_training_set_of_another_size_restarts_the_running_mean_with_a_warning():
     cb = MirroredInfluence()
-    cb._accumulate(4, torch.arange(4), torch.ones(4))
+    cb._accumulate(4, torch.arange(4), torch.ones(4), torch.tensor([0, 1, 2, 3]))
     with pytest.warns(InterpretationWarning, match="now has 3 samples, not 4.*running mean restarts"):
-        cb._accumulate(3, torch.arange(3), torch.full((3,), 2.0))
+        cb._accumulate(3, torch.arange(3), torch.full((3,), 2.0), torch.tensor([0, 1, 2]))
     assert cb.scores_.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_other_data_behind_the_same_indices_restarts_the_running_mean_and_relabelled_samples_restart_alone():
+    """A second fit on another datamodule of the same size used to average two datasets' scores index by index."""
+    cb = MirroredInfluence()
+    cb._accumulate(4, torch.arange(4), torch.ones(4), torch.tensor([0, 1, 2, 3]))
+    with pytest.warns(InterpretationWarning, match="1 of 4 training samples now carry other labels.*relabelled"):
+        cb._accumulate(4, torch.arange(4), torch.full((4,), 3.0), torch.tensor([0, 1, 2, 9]))
+    assert cb.scores_.tolist() == [2.0, 2.0, 2.0, 3.0]  # the relabelled sample's mean starts again
+
+    other = MirroredInfluence()
+    other._accumulate(4, torch.arange(4), torch.ones(4), torch.tensor([0, 1, 2, 3]))
+    with pytest.warns(InterpretationWarning, match="3 of 4 .* the training data changed"):
+        other._accumulate(4, torch.arange(4), torch.full((4,), 3.0), torch.tensor([0, 5, 6, 7]))
+    assert other.scores_.tolist() == [3.0, 3.0, 3.0, 3.0]
+
+
+def test_a_second_fit_on_other_data_does_not_average_its_scores_with_the_first(tmp_path):
+    from conftest import make_trainer
+
+    cb = MirroredInfluence(every_n_epochs=1, strict=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, logger=False)
+    model = DigitsCNN()
+    trainer.fit(model, DigitsDataModule(batch_size=128, seed=0))
+    trainer.fit_loop.max_epochs = 2  # fine-tuning goes on, on another split of the same size
+    with pytest.warns(InterpretationWarning, match="the training data changed"):
+        trainer.fit(model, DigitsDataModule(batch_size=128, seed=1))
+    assert len(cb.history_) == 2 and float(cb._score_count.max()) == 1.0  # the second data's run alone

@@ -161,6 +161,7 @@ class MirroredInfluence(InterpretationCallback):
         self.confirmed_: list[int] = []
         self._score_sum: Tensor | None = None
         self._score_count: Tensor | None = None
+        self._labels_seen: Tensor | None = None  # [N] int32: each training sample's label when last scored, -1 never
         self._trusted_xy: tuple[Tensor, Tensor] | None = None
         self._last_flagged: tuple[Tensor, ...] | None = None
 
@@ -228,7 +229,7 @@ class MirroredInfluence(InterpretationCallback):
         outs = _sorted_by_index(self.forward_probe(trainer, pl_module, probe, features=want_features))
         labels = outs.require_class_labels("MirroredInfluence").long()
         scores = self._mirrored_scores(trainer, pl_module, probe, outs.outputs, labels)
-        self._accumulate(probe.dataset_size, outs.indices, scores)
+        self._accumulate(probe.dataset_size, outs.indices, scores, labels)
         if want_features:
             try:
                 self._find_leaks(trainer, pl_module, outs)
@@ -261,14 +262,35 @@ class MirroredInfluence(InterpretationCallback):
         after_all, _ = gather_by_index(trainer.strategy, torch.cat(after), torch.cat(index))
         return after_all - before  # both sorted by dataset index
 
-    def _accumulate(self, size: int, indices: Tensor, scores: Tensor) -> None:
+    def _accumulate(self, size: int, indices: Tensor, scores: Tensor, labels: Tensor) -> None:
+        """Add one run's scores to the running mean of each training sample, restarting it where the sample behind an
+        index changed: all of it when the training set changed size or most labels differ from the last runs' (other
+        data, e.g. a second ``fit`` on another datamodule), the relabelled samples' alone otherwise."""
+        restart = self._score_sum is None
         if self._score_sum is not None and len(self._score_sum) != size:
+            restart = True
             self.warn_once("dataset_size", f"MirroredInfluence: the training set now has {size} samples, not "
                            f"{len(self._score_sum)}; dataset indices no longer name the same samples, so the running "
                            f"mean restarts here (history_ keeps the earlier runs; scores_ holds runs from now on)")
-        if self._score_sum is None or len(self._score_sum) != size:
+        elif self._labels_seen is not None:
+            seen = self._labels_seen[indices]
+            changed = (seen >= 0) & (seen != labels)
+            if bool(changed.any()):
+                restart = int(changed.sum()) > int((seen >= 0).sum()) // 2
+                self.warn_once("labels_changed", (
+                    f"MirroredInfluence: {int(changed.sum())} of {int((seen >= 0).sum())} training samples now carry "
+                    "other labels than when they were last scored, so " + (
+                        "the training data changed (another dataset behind the same indices): the running mean "
+                        "restarts here (history_ keeps the earlier runs)" if restart else
+                        "they were relabelled: their running means restart here")))
+                if not restart:
+                    self._score_sum[indices[changed]] = 0.0
+                    self._score_count[indices[changed]] = 0.0
+        if restart:
             self._score_sum = torch.zeros(size, dtype=torch.float64)
             self._score_count = torch.zeros(size, dtype=torch.float64)
+            self._labels_seen = torch.full((size,), -1, dtype=torch.int32)
+        self._labels_seen[indices] = labels.to(torch.int32)
         finite = scores.isfinite()
         if not finite.all():
             self.warn_once("nonfinite", "MirroredInfluence: some scores were not finite (the update diverged); "
@@ -407,13 +429,17 @@ class MirroredInfluence(InterpretationCallback):
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
-        return {"score_sum": self._score_sum, "score_count": self._score_count, "history": list(self.history_),
+        return {"score_sum": self._score_sum, "score_count": self._score_count, "labels_seen": self._labels_seen,
+                "history": list(self.history_),
                 "leaks": list(self.leaks_), "self_influence": dict(self.self_influence_),
                 "confirmed": list(self.confirmed_)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._score_sum = state.get("score_sum")
         self._score_count = state.get("score_count")
+        self._labels_seen = state.get("labels_seen")
+        if self._labels_seen is None and self._score_sum is not None:  # older checkpoints kept no labels
+            self._labels_seen = torch.full((len(self._score_sum),), -1, dtype=torch.int32)
         self.history_ = list(state.get("history", []))
         self.leaks_ = [tuple(x) for x in state.get("leaks", [])]
         self.self_influence_ = dict(state.get("self_influence", {}))
