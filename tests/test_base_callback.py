@@ -393,3 +393,25 @@ def test_activation_profile_keeps_means_and_stds_apart(monkeypatch):
     profile = cb.activation_profile(None, None, None)
     assert set(profile) == {"layer/mean", "layer/std"}
     assert torch.allclose(profile["layer/mean"], acts.mean(0)) and torch.allclose(profile["layer/std"], acts.std(0))
+
+
+def test_a_model_error_met_by_the_coreset_fidelity_first_is_one_warning(tmp_path, datamodule):
+    """The fidelity measure meets the same error as the analysis it precedes: the user hears of it once."""
+
+    class TupleOutput(DigitsCNN):
+        def forward(self, x):
+            return super().forward(x), None
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0])[0], batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    cb = MeanActivation(probe_size=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb], max_epochs=2, logger=False).fit(TupleOutput(), datamodule)
+    about = [str(w.message) for w in caught if "returned a tuple" in str(w.message)]
+    assert len(about) == 1 and about[0].startswith("MeanActivation skipped epoch 0"), about
+    assert [s["epoch"] for s in cb.skipped_] == [0, 1]

@@ -859,8 +859,8 @@ class InterpretationCallback(Callback):
         if self.probe_fidelity:
             try:
                 agreement = self._coreset_fidelity(trainer, pl_module, full, coreset)
-            except UnreadableLayers:  # run_now leaves those layers out and runs again: choose again then
-                self._probe_indices = self._selected_epoch = None
+            except (UnreadableLayers, ProbeDataError):  # run_now leaves those layers out and runs again, or the
+                self._probe_indices = self._selected_epoch = None  # analysis fails alike (one warning): choose again
                 raise
             except Exception as err:  # the coreset stays usable: its analysis goes on without the measure
                 if self.strict:

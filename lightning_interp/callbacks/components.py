@@ -202,7 +202,8 @@ class ComponentAttribution(InterpretationCallback):
         self._flush_pending(trainer)
         # No checkpoint came when one was due (e.g. the monitored metric stopped improving), or training ended
         # before the epoch schedule came due: analyse the final model rather than end the run without a result.
-        final = self._final_run_wanted(trainer) if self._use_epoch_schedule else self._last_run is None
+        final = self._final_run_wanted(trainer) if self._use_epoch_schedule else (
+            self._last_run is None and self.cost_["runs"] == 0)  # runs that failed are not tried once more
         if final:
             with self.after_training():
                 self.run_now(trainer, pl_module)
