@@ -20,6 +20,7 @@ BatchToXY = Callable[[object], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 _INPUT_KEYS = ("x", "input", "inputs", "input_ids", "image", "images", "pixel_values", "features", "data")
 _LABEL_KEYS = ("y", "label", "labels", "target", "targets", "class", "classes")
+_UNLABELLED_KEY_SETS: set[tuple] = set()  # dict batches without a label key already warned about (once a process)
 
 
 class ProbeDataError(ValueError):
@@ -42,7 +43,8 @@ def default_batch_to_xy(batch: object) -> tuple[torch.Tensor, torch.Tensor | Non
         x_key = next((k for k in _INPUT_KEYS if k in batch), None)
         if x_key is not None:
             y_key = next((k for k in _LABEL_KEYS if k in batch), None)
-            if y_key is None and len(batch) > 1:
+            if y_key is None and len(batch) > 1 and tuple(sorted(batch)) not in _UNLABELLED_KEY_SETS:
+                _UNLABELLED_KEY_SETS.add(tuple(sorted(batch)))
                 warnings.warn(
                     f"batch dict has keys {sorted(batch)}: {x_key!r} is read as the input, and none is a label key "
                     f"({', '.join(_LABEL_KEYS)}), so the probe has no labels; if one of them holds the labels, pass "
@@ -59,9 +61,9 @@ def default_batch_to_xy(batch: object) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 def class_index_labels(y: torch.Tensor) -> torch.Tensor:
-    """Integer labels as the ``[N]`` int64 class indices torch's indexing and losses expect (uint8/int16 labels, or
-    one ``[N, 1]`` column, as datasets often store them); any other label is returned unchanged."""
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+    """Integer or boolean labels as the ``[N]`` int64 class indices torch's indexing and losses expect (uint8/int16
+    or bool labels, or one ``[N, 1]`` column, as datasets often store them); float labels are returned unchanged."""
+    if y.is_floating_point() or y.is_complex():
         return y
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]

@@ -269,12 +269,68 @@ def test_training_that_ends_before_the_schedule_still_gets_one_analysis_of_the_f
     the final model once, recorded under the last trained epoch, instead of ending the fit without a result."""
     mirrored = MirroredInfluence(strict=True)
     clusters = LayerClusters(probe_size=128, strict=True)
-    trainer = make_trainer(tmp_path, [mirrored, clusters], max_epochs=30, max_steps=25, logger=False)
+    drift = ARMDrift(every_n_epochs=5, strict=True)
+    shift = ARMDrift(every_n_epochs=5, shift_data=datamodule.test_dataset, strict=True)
+    trainer = make_trainer(tmp_path, [mirrored, clusters, drift, shift], max_epochs=30, max_steps=25, logger=False)
     trainer.fit(DigitsCNN(), datamodule)
     assert trainer.global_step == 25
     assert [h["epoch"] for h in mirrored.history_] == [2] and len(mirrored.scores_) == len(datamodule.splits.y_train)
     assert {h["epoch"] for h in clusters.history_} == {2} and clusters.cost_["runs"] == 1
+    assert drift.cost_["runs"] == 0  # one analysis alone would only set a reference: nothing to report, not run
+    assert shift.cost_["runs"] == 1 and shift.reference_epoch_ == 2  # against shift_data it reports the shift
 
     again = LayerClusters(probe_size=128, strict=True)  # a schedule out of reach of max_epochs was named at setup
     make_trainer(tmp_path, [again], max_epochs=2, logger=False).fit(DigitsCNN(), datamodule)
     assert again.history_ == []
+
+
+def test_a_resumed_fit_analyses_its_final_model_only_when_its_own_schedule_was_in_reach(tmp_path, datamodule):
+    """Resumed after epoch 4 of an every-5 schedule: up to max_epochs=7 the next analysis (epoch 9) is out of reach,
+    as in an uninterrupted 7-epoch fit, so nothing more runs; stopped early on the way to 20 epochs, the final
+    model is analysed (and a failing final analysis is one skipped_ entry, never an error at the end of training)."""
+    from torch.utils.data import Dataset
+
+    from conftest import MeanActivation
+
+    from lightning_interp._lightning import ModelCheckpoint, pl
+
+    class Flaky(Dataset):
+        fail = False
+
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            if Flaky.fail:
+                raise OSError("disk gone")
+            return self.x[i], self.y[i]
+
+    s = datamodule.splits
+
+    def fit(max_epochs, callback, folder, resume=False, extra=()):
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        trainer = make_trainer(tmp_path / folder, [callback, checkpoints, *extra], max_epochs=max_epochs, logger=False,
+                               enable_checkpointing=True)
+        trainer.fit(DigitsCNN(), datamodule, ckpt_path=str(tmp_path / folder / "last.ckpt") if resume else None)
+        return trainer
+
+    first = MeanActivation(every_n_epochs=5)
+    fit(5, first, "a")
+    resumed = MeanActivation(every_n_epochs=5)
+    fit(7, resumed, "a", resume=True)
+    assert [h["epoch"] for h in first.history_] == [4] and [h["epoch"] for h in resumed.history_] == [4]
+
+    def flaky_attribution():
+        return ComponentAttribution(at_checkpoints=False, every_n_epochs=5, n_masks=8, n_eval_masks=4,
+                                    probe=Flaky(s.x_val, s.y_val), progress_bar=False)
+
+    fit(5, flaky_attribution(), "b")
+    Flaky.fail = True
+    ca = flaky_attribution()
+    trainer = fit(20, ca, "b", resume=True, extra=[pl.callbacks.EarlyStopping(monitor="val/loss", min_delta=10.0,
+                                                                                     patience=1)])
+    assert trainer.current_epoch < 9 and [e["error"].split(":")[0] for e in ca.skipped_] == ["OSError"]
+    assert [h["epoch"] for h in ca.history_] == [4]

@@ -432,3 +432,25 @@ def test_a_second_fit_on_other_data_does_not_average_its_scores_with_the_first(t
     with pytest.warns(InterpretationWarning, match="the training data changed"):
         trainer.fit(model, DigitsDataModule(batch_size=128, seed=1))
     assert len(cb.history_) == 2 and float(cb._score_count.max()) == 1.0  # the second data's run alone
+
+
+def test_other_data_is_told_from_relabelling_by_the_labels_chance_disagreement():
+    """A 9:1 binary label: two datasets disagree on ~18% of indices by chance, far below 'most', so the threshold is
+    half the chance disagreement; a couple of corrected labels stay a relabelling, and its TracIn entries go too."""
+    labels = torch.zeros(100, dtype=torch.long)
+    labels[:10] = 1
+    other = MirroredInfluence()
+    other._accumulate(100, torch.arange(100), torch.ones(100), labels)
+    with pytest.warns(InterpretationWarning, match="20 of 100 .* the training data changed"):
+        other._accumulate(100, torch.arange(100), torch.full((100,), 3.0), labels.roll(50))
+    assert float(other._score_count.max()) == 1.0
+
+    fixed = MirroredInfluence()
+    fixed._accumulate(100, torch.arange(100), torch.ones(100), labels)
+    fixed.self_influence_, fixed.confirmed_ = {3: 2.0, 50: 1.0}, [3]
+    relabelled = labels.clone()
+    relabelled[[3, 4]] = 0
+    with pytest.warns(InterpretationWarning, match="2 of 100 .* relabelled"):
+        fixed._accumulate(100, torch.arange(100), torch.full((100,), 3.0), relabelled)
+    assert fixed.scores_[3] == 3.0 and fixed.scores_[0] == 2.0
+    assert fixed.self_influence_ == {50: 1.0} and fixed.confirmed_ == []

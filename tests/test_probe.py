@@ -233,6 +233,8 @@ def test_integer_labels_of_any_width_or_one_column_become_class_indices(stored):
     for labels in (y.to(stored), y.to(stored)[:, None]):
         (_, got, _), = ProbeData(TensorDataset(x, labels)).batches()
         assert got.dtype == torch.int64 and torch.equal(got, y)
+    (_, got, _), = ProbeData(TensorDataset(x, y == 1)).batches()
+    assert got.dtype == torch.int64 and torch.equal(got, (y == 1).long())  # a bool label is class 0 or 1
     floats = torch.rand(6, 1)  # regression or BCE targets stay as they are
     (_, got, _), = ProbeData(TensorDataset(x, floats)).batches()
     assert torch.equal(got, floats)
@@ -244,6 +246,9 @@ def test_a_dict_batch_without_a_label_key_names_its_keys_once_read():
     x, y = torch.randn(4, 3), torch.arange(4)
     with pytest.warns(InterpretationWarning, match=r"keys \['cls', 'x'\]: 'x' is read as the input, and none is a"):
         assert default_batch_to_xy({"x": x, "cls": y})[1] is None
+    with warnings.catch_warnings():  # once: later batches (and runs that reset the warning filters) are quiet
+        warnings.simplefilter("error")
+        assert default_batch_to_xy({"cls": y, "x": x})[1] is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert default_batch_to_xy({"x": x})[1] is None  # inputs only: nothing to say

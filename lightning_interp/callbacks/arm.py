@@ -166,6 +166,11 @@ class ARMDrift(InterpretationCallback):
     def data_arguments(self) -> dict[str, Any]:
         return {**super().data_arguments(), "shift_data": self.shift_data}
 
+    def _final_run_wanted(self, trainer) -> bool:
+        """Only when it can report something: with ``shift_data``, or against a reference read by its own pass (the
+        final model has no validation pass, so a reference from the trainer's cannot be compared with it)."""
+        return super()._final_run_wanted(trainer) and (self.shift_data is not None or OWN_PASS in self._references)
+
     def _budget_exempt(self, epoch: int) -> bool:
         return isinstance(self.reference, int) and epoch == self.reference  # every later drift is measured from it
 

@@ -317,7 +317,7 @@ class InterpretationCallback(Callback):
         self._silent_layers: set[str] = set()  # default layers found not to run in forward()
         self._last_run_step: tuple | None = None  # training_step_key of the latest run
         self._after_training = False  # the final-model run of on_train_end
-        self._fit_start_step = 0  # the global step the fit started from (a resumed fit starts later)
+        self._fit_start = (0, 0)  # (global step, epoch) the fit's training started from (a resumed fit: later)
         self.skipped_: list[dict[str, Any]] = []
         self.cost_: dict[str, float] = _fresh_cost()
         self._fit_clock: float | None = None
@@ -421,7 +421,6 @@ class InterpretationCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # here, not at setup: Lightning builds layers in configure_model() (and the module's setup()) after that
         self._check_layers(pl_module)
-        self._fit_start_step = trainer.global_step
         self._fit_clock = time.perf_counter()
         self._fit_first_epoch = None
         self.cost_ = _fresh_cost()
@@ -430,6 +429,7 @@ class InterpretationCallback(Callback):
         self._restored_pending = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_start = (trainer.global_step, trainer.current_epoch)  # restored by now, unlike at on_fit_start
         earlier = self._history_trainer() if self._history_trainer is not None else None
         if self._holds_history and not self._restored_this_fit and earlier is not None and earlier is not trainer:
             self.warn_once(
@@ -519,12 +519,15 @@ class InterpretationCallback(Callback):
                 self.run_now(trainer, pl_module)
 
     def _final_run_wanted(self, trainer) -> bool:
-        """Whether training ended (EarlyStopping, ``max_steps``) before the first analysis its schedule had in reach:
-        the final model is analysed then, so such a fit does not end without a result. A schedule that could never
-        come due within ``max_epochs`` was named at setup and stays silent."""
-        max_epochs = trainer.max_epochs
-        reachable = self.every_n_epochs > 0 and not (max_epochs is not None and 0 <= max_epochs < self.every_n_epochs)
-        trained = trainer.global_step > self._fit_start_step
+        """Whether training ended (EarlyStopping, ``max_steps``) before the first analysis its schedule had in reach
+        in this fit: the final model is analysed then, so such a fit does not end without a result. A schedule that
+        could not come due before ``max_epochs`` (named at setup for a fresh fit) stays silent, as does a fit that
+        trained no step."""
+        start_step, start_epoch = self._fit_start
+        n, max_epochs = self.every_n_epochs, trainer.max_epochs
+        first_due = -(-(start_epoch + 1) // n) * n - 1 if n > 0 else None  # the first scheduled epoch >= start_epoch
+        reachable = first_due is not None and (max_epochs is None or max_epochs < 0 or first_due < max_epochs)
+        trained = trainer.global_step > start_step
         return reachable and trained and self.cost_["runs"] == 0 and not self._smoke_test
 
     @contextlib.contextmanager

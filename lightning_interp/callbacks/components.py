@@ -205,9 +205,11 @@ class ComponentAttribution(InterpretationCallback):
         final = self._final_run_wanted(trainer) if self._use_epoch_schedule else (
             self._last_run is None and self.cost_["runs"] == 0)  # runs that failed are not tried once more
         if final:
+            runs_before = len(self.history_)
             with self.after_training():
                 self.run_now(trainer, pl_module)
-                if self.save_attributions and self._last_run is not None:
+                # on the epoch schedule compute() has saved it; a failed run (or a resumed _last_run) has nothing
+                if self.save_attributions and not self._use_epoch_schedule and len(self.history_) > runs_before:
                     self._save([self._epoch_file(trainer)], trainer)
         unplotted = hasattr(self, "class_attributions_") and self._plotted_run != len(self.history_)
         if self.plot_every_n_runs is None and unplotted:

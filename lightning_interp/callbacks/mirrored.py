@@ -264,8 +264,9 @@ class MirroredInfluence(InterpretationCallback):
 
     def _accumulate(self, size: int, indices: Tensor, scores: Tensor, labels: Tensor) -> None:
         """Add one run's scores to the running mean of each training sample, restarting it where the sample behind an
-        index changed: all of it when the training set changed size or most labels differ from the last runs' (other
-        data, e.g. a second ``fit`` on another datamodule), the relabelled samples' alone otherwise."""
+        index changed: all of it when the training set changed size or its labels differ from the last runs' about as
+        often as another dataset's would (other data, e.g. a second ``fit`` on another datamodule), the relabelled
+        samples' alone otherwise. TracIn's second look restarts alike."""
         restart = self._score_sum is None
         if self._score_sum is not None and len(self._score_sum) != size:
             restart = True
@@ -274,22 +275,23 @@ class MirroredInfluence(InterpretationCallback):
                            f"mean restarts here (history_ keeps the earlier runs; scores_ holds runs from now on)")
         elif self._labels_seen is not None:
             seen = self._labels_seen[indices]
-            changed = (seen >= 0) & (seen != labels)
+            known = seen >= 0
+            changed = known & (seen != labels)
             if bool(changed.any()):
-                restart = int(changed.sum()) > int((seen >= 0).sum()) // 2
+                restart = _looks_like_other_data(int(changed.sum()), labels[known])
                 self.warn_once("labels_changed", (
-                    f"MirroredInfluence: {int(changed.sum())} of {int((seen >= 0).sum())} training samples now carry "
+                    f"MirroredInfluence: {int(changed.sum())} of {int(known.sum())} training samples now carry "
                     "other labels than when they were last scored, so " + (
                         "the training data changed (another dataset behind the same indices): the running mean "
                         "restarts here (history_ keeps the earlier runs)" if restart else
                         "they were relabelled: their running means restart here")))
                 if not restart:
-                    self._score_sum[indices[changed]] = 0.0
-                    self._score_count[indices[changed]] = 0.0
+                    self._forget(indices[changed])
         if restart:
             self._score_sum = torch.zeros(size, dtype=torch.float64)
             self._score_count = torch.zeros(size, dtype=torch.float64)
             self._labels_seen = torch.full((size,), -1, dtype=torch.int32)
+            self.self_influence_, self.confirmed_ = {}, []
         self._labels_seen[indices] = labels.to(torch.int32)
         finite = scores.isfinite()
         if not finite.all():
@@ -297,6 +299,14 @@ class MirroredInfluence(InterpretationCallback):
                            "they are left out of the running mean — consider a smaller lr")
         self._score_sum.index_add_(0, indices[finite], scores[finite].double())
         self._score_count.index_add_(0, indices[finite], torch.ones(int(finite.sum()), dtype=torch.float64))
+
+    def _forget(self, indices: Tensor) -> None:
+        """Drop what was accumulated about the samples at ``indices`` (they are other samples now)."""
+        self._score_sum[indices] = 0.0
+        self._score_count[indices] = 0.0
+        gone = set(indices.tolist())
+        self.self_influence_ = {i: v for i, v in self.self_influence_.items() if i not in gone}
+        self.confirmed_ = [i for i in self.confirmed_ if i not in gone]
 
     def _find_leaks(self, trainer, pl_module, train_outs) -> None:
         """Each query's most influenced training point, streamed over query batches (and their translations).
@@ -444,6 +454,16 @@ class MirroredInfluence(InterpretationCallback):
         self.leaks_ = [tuple(x) for x in state.get("leaks", [])]
         self.self_influence_ = dict(state.get("self_influence", {}))
         self.confirmed_ = list(state.get("confirmed", []))
+
+
+def _looks_like_other_data(changed: int, labels: Tensor) -> bool:
+    """Whether ``changed`` of ``len(labels)`` labels differing from the last scoring is what another dataset behind
+    the same indices would give: more than half the disagreement of two independent draws from these labels' class
+    frequencies (``1 - sum p_k^2``; 0.9 for ten balanced classes, 0.18 for a 9:1 binary split). Relabelling fixes
+    fewer; erring the other way restarts more than needed, never mixes two datasets."""
+    frequencies = torch.bincount(labels.long().clamp_min(0)).double() / max(len(labels), 1)
+    chance = 1.0 - float((frequencies ** 2).sum())
+    return changed > 0.5 * chance * len(labels)
 
 
 def _sorted_by_index(outs: ProbeOutputs) -> ProbeOutputs:
