@@ -321,7 +321,6 @@ class InterpretationCallback(Callback):
         self.skipped_: list[dict[str, Any]] = []
         self.cost_: dict[str, float] = _fresh_cost()
         self._fit_clock: float | None = None
-        self._fit_first_epoch: int | None = None  # the first epoch this fit started (a resumed fit starts later)
         self._restored_pending = False  # a checkpoint saved while an analysis waited for the budget
         self._reporter: Reporter | None = None
         self._state_key: str | None = None
@@ -422,7 +421,6 @@ class InterpretationCallback(Callback):
         # here, not at setup: Lightning builds layers in configure_model() (and the module's setup()) after that
         self._check_layers(pl_module)
         self._fit_clock = time.perf_counter()
-        self._fit_first_epoch = None
         self.cost_ = _fresh_cost()
         if self._budget is not None:
             self._budget.reset(pending=self._restored_pending)
@@ -474,12 +472,10 @@ class InterpretationCallback(Callback):
         if budget is None or self._smoke_test or self._fit_clock is None:
             return
         epoch = trainer.current_epoch
-        if self._fit_first_epoch is None:
-            self._fit_first_epoch = epoch
         scheduled = self._scheduled(epoch)
         allowed = True
         if budget.wants(scheduled) and not self._budget_exempt(epoch):
-            epochs_done = epoch - self._fit_first_epoch
+            epochs_done = epoch - self._fit_start[1]
             training = time.perf_counter() - self._fit_clock - self.cost_["seconds"]
             allowed = self._within_budget(trainer, ahead=training / epochs_done if epochs_done else 0.0)
         if budget.decide(epoch, scheduled, allowed):

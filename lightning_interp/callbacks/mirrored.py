@@ -274,19 +274,7 @@ class MirroredInfluence(InterpretationCallback):
                            f"{len(self._score_sum)}; dataset indices no longer name the same samples, so the running "
                            f"mean restarts here (history_ keeps the earlier runs; scores_ holds runs from now on)")
         elif self._labels_seen is not None:
-            seen = self._labels_seen[indices]
-            known = seen >= 0
-            changed = known & (seen != labels)
-            if bool(changed.any()):
-                restart = _looks_like_other_data(int(changed.sum()), labels[known])
-                self.warn_once("labels_changed", (
-                    f"MirroredInfluence: {int(changed.sum())} of {int(known.sum())} training samples now carry "
-                    "other labels than when they were last scored, so " + (
-                        "the training data changed (another dataset behind the same indices): the running mean "
-                        "restarts here (history_ keeps the earlier runs)" if restart else
-                        "they were relabelled: their running means restart here")))
-                if not restart:
-                    self._forget(indices[changed])
+            restart = self._other_data_or_forget_relabelled(indices, labels)
         if restart:
             self._score_sum = torch.zeros(size, dtype=torch.float64)
             self._score_count = torch.zeros(size, dtype=torch.float64)
@@ -299,6 +287,25 @@ class MirroredInfluence(InterpretationCallback):
                            "they are left out of the running mean — consider a smaller lr")
         self._score_sum.index_add_(0, indices[finite], scores[finite].double())
         self._score_count.index_add_(0, indices[finite], torch.ones(int(finite.sum()), dtype=torch.float64))
+
+    def _other_data_or_forget_relabelled(self, indices: Tensor, labels: Tensor) -> bool:
+        """Compare ``labels`` with those of the last scoring: ``True`` when another dataset looks to be behind the
+        indices; otherwise the relabelled samples' accumulations are forgotten (one warning either way)."""
+        seen = self._labels_seen[indices]
+        known = seen >= 0
+        changed = known & (seen != labels)
+        if not bool(changed.any()):
+            return False
+        other_data = _looks_like_other_data(int(changed.sum()), labels[known])
+        self.warn_once("labels_changed", (
+            f"MirroredInfluence: {int(changed.sum())} of {int(known.sum())} training samples now carry other labels "
+            "than when they were last scored, so " + (
+                "the training data changed (another dataset behind the same indices): the running mean restarts "
+                "here (history_ keeps the earlier runs)" if other_data else
+                "they were relabelled: their running means restart here")))
+        if not other_data:
+            self._forget(indices[changed])
+        return other_data
 
     def _forget(self, indices: Tensor) -> None:
         """Drop what was accumulated about the samples at ``indices`` (they are other samples now)."""
