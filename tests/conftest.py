@@ -61,6 +61,13 @@ def datamodule():
     return DigitsDataModule(noise_fraction=0.1, n_leaked=5, batch_size=128, seed=0)
 
 
+def run_ddp_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``tests/scripts/<name>`` (a 2-process CPU DDP fit) with this checkout importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / name), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 def make_trainer(tmp_path, callbacks=(), max_epochs: int = 2, logger=True, **kwargs) -> Trainer:
     if logger is True:
         logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, read_tags
+from conftest import read_tags, run_ddp_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -348,40 +345,9 @@ def test_its_own_defaults_are_in_the_signature_where_lightningcli_reads_them():
     assert params["probe_fidelity"].default is False
 
 
-DDP_SCRIPT = """\
-import sys
-import torch
-from lightning_interp._lightning import Callback, Trainer, pl
-from lightning_interp.callbacks.mirrored import MirroredInfluence
-from lightning_interp.demo import DigitsCNN, DigitsDataModule
-from lightning_interp.methods.mirrored import mislabel_scores, tensor_batches
-
-class SaveSingleProcess(Callback):
-    def __init__(self, mirrored, out_path):
-        self.mirrored, self.out_path = mirrored, out_path
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        s = trainer.datamodule.splits
-        single = mislabel_scores(pl_module, s.x_val, s.y_val, tensor_batches(s.x_train, s.y_train, 100))
-        if trainer.is_global_zero:
-            torch.save({"ddp": self.mirrored.scores_.clone(), "single": single.scores,
-                        "world_size": trainer.world_size, "runs": len(self.mirrored.history_)}, self.out_path)
-
-if __name__ == "__main__":
-    pl.seed_everything(0)
-    mirrored = MirroredInfluence(every_n_epochs=1, strict=True, leak_queries=None)
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[mirrored, SaveSingleProcess(mirrored, sys.argv[1])])
-    trainer.fit(DigitsCNN(), DigitsDataModule(noise_fraction=0.2, batch_size=128))
-"""
-
-
 def test_scores_under_two_process_ddp_equal_single_process_scores(tmp_path):
-    script, out = tmp_path / "ddp_mirrored.py", tmp_path / "ddp.pt"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "ddp.pt"
+    proc = run_ddp_script("ddp_mirrored.py", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     assert result["world_size"] == 2 and result["runs"] == 1

@@ -5,6 +5,7 @@ waiting in a collective); otherwise training finishes on both ranks after one wa
 import sys
 import warnings
 
+from _ddp_exit import close_process_group
 from lightning_interp._lightning import Trainer, pl
 from lightning_interp.callbacks.base import InterpretationCallback
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
@@ -53,4 +54,5 @@ if __name__ == "__main__":
         print(f"rank {trainer.global_rank} raised {type(err).__name__}: {err}", flush=True)
         raise
     print(f"rank {trainer.global_rank} finished {trainer.current_epoch} epochs, {len(callback.alerts_)} alerts, "
-          f"{len(hook_failure_warnings)} hook warnings")
+          f"{len(hook_failure_warnings)} hook warnings", flush=True)
+    close_process_group()

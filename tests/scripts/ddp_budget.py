@@ -6,6 +6,7 @@ rank running an analysis the other skipped waits in its gather forever. Rank zer
 
 import time
 
+from _ddp_exit import close_process_group
 from lightning_interp._lightning import Trainer, pl
 from lightning_interp.callbacks.base import InterpretationCallback
 from lightning_interp.demo import DigitsCNN, DigitsDataModule
@@ -36,3 +37,4 @@ if __name__ == "__main__":
     trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
     print(f"rank {trainer.global_rank} finished {trainer.current_epoch} epochs, analysed {callback.epochs}, "
           f"postponed {callback.cost_['postponed']}", flush=True)
+    close_process_group()

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from _ddp_exit import close_process_group
 from lightning_interp._lightning import Callback, Trainer, pl
 from lightning_interp.callbacks.base import InterpretationCallback
 from lightning_interp.distributed import rank_zero_buffers
@@ -67,3 +68,4 @@ if __name__ == "__main__":
         limit_val_batches=0,  # no validation forward re-broadcasts rank zero's BatchNorm statistics before the probe
     )
     trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=128))
+    close_process_group()

@@ -3,6 +3,7 @@ shard only. Both ranks must skip the analysis alike and finish (the failing rank
 waited in the gather: a deadlock)."""
 
 import torch
+from _ddp_exit import close_process_group
 from torch.utils.data import Dataset
 
 from lightning_interp._lightning import Trainer, pl
@@ -41,3 +42,4 @@ if __name__ == "__main__":
     errors = sorted({s["error"].split(":")[0] for s in callback.skipped_})
     print(f"rank {trainer.global_rank} finished {trainer.current_epoch} epochs, skipped {len(callback.skipped_)}: "
           f"{errors}", flush=True)
+    close_process_group()
