@@ -558,3 +558,25 @@ def test_checkpoint_runs_over_the_overhead_budget_wait_for_a_later_checkpoint(tm
         _fit_demo(tmp_path, [callback, last], max_epochs=4)
     assert [h["epoch"] for h in callback.history_] == [0]
     assert callback.cost_["runs"] == 1 and callback.cost_["postponed"] == 3
+
+
+def test_resuming_a_finished_fit_does_not_analyse_its_final_model_again(tmp_path):
+    """A checkpoint at the last batch still says 'no run' (the final-model run came after it): resumed, the fit trains
+    no step, and the final model is not analysed (nor saved) a second time."""
+    from conftest import make_trainer
+
+    from lightning_interp._lightning import ModelCheckpoint
+    from lightning_interp.demo import DigitsCNN, DigitsDataModule
+
+    def fit(ckpt=None):
+        cb = _small_callback(every_n_epochs=10)
+        steps = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1,
+                                filename="{epoch}-{step}")
+        make_trainer(tmp_path, [cb, steps], max_epochs=3, enable_checkpointing=True, logger=False).fit(
+            DigitsCNN(), DigitsDataModule(batch_size=128), ckpt_path=ckpt)
+        return cb
+
+    first = fit()
+    assert [h["epoch"] for h in first.history_] == [2] and first.cost_["runs"] == 1
+    again = fit(str(tmp_path / "ckpt" / "epoch=2-step=30.ckpt"))
+    assert again.cost_["runs"] == 0

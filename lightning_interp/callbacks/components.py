@@ -203,7 +203,8 @@ class ComponentAttribution(InterpretationCallback):
         # No checkpoint came when one was due (e.g. the monitored metric stopped improving), or training ended
         # before the epoch schedule came due: analyse the final model rather than end the run without a result.
         final = self._final_run_wanted(trainer) if self._use_epoch_schedule else (
-            self._last_run is None and self.cost_["runs"] == 0)  # runs that failed are not tried once more
+            self._last_run is None and self.cost_["runs"] == 0  # runs that failed are not tried once more
+            and trainer.global_step > self._fit_start[0])  # a resumed fit that trained nothing has nothing new
         if final:
             runs_before = len(self.history_)
             with self.after_training():
